@@ -1,0 +1,49 @@
+"""keras_taylor: Taylor-expansion channel pruning for Keras 3 CNNs.
+
+Typical use::
+
+    gated = keras_taylor.add_gates(model)
+    gated.compile(...)
+    gated.fit(data, epochs=..., callbacks=[keras_taylor.TaylorPruning(target=0.5)])
+    small = keras_taylor.prune(gated)      # stock Keras layers, filters removed
+
+References:
+    Molchanov et al., "Pruning Convolutional Neural Networks for Resource
+    Efficient Inference", ICLR 2017.
+    Molchanov et al., "Importance Estimation for Neural Network Pruning",
+    CVPR 2019.
+"""
+
+from keras_taylor.callbacks import TaylorPruning
+from keras_taylor.criteria import Criterion, TaylorFOBN
+from keras_taylor.flops import Profile, profile
+from keras_taylor.gates import ChannelGate, add_gates, gate_values, is_gated, strip_gates
+from keras_taylor.graph import ChannelGraph, analyze
+from keras_taylor.handlers import Cost, LayerHandler, register_handler
+from keras_taylor.plan import PruningPlan
+from keras_taylor.scoring import TaylorScorer
+from keras_taylor.surgery import apply_plan, prune
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ChannelGate",
+    "ChannelGraph",
+    "Cost",
+    "Criterion",
+    "LayerHandler",
+    "Profile",
+    "PruningPlan",
+    "TaylorFOBN",
+    "TaylorPruning",
+    "TaylorScorer",
+    "add_gates",
+    "analyze",
+    "apply_plan",
+    "gate_values",
+    "is_gated",
+    "profile",
+    "prune",
+    "register_handler",
+    "strip_gates",
+]

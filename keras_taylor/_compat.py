@@ -1,0 +1,83 @@
+"""The one place that touches Keras internals (`keras.src`) or private attributes.
+
+Everything else in keras_taylor uses the public Keras 3 API. When a Keras
+release moves one of these, only this module needs to change.
+"""
+
+from __future__ import annotations
+
+import keras
+
+
+def functional_of(model: keras.Model):
+    """Returns the Functional graph behind a Functional or Sequential model.
+
+    Raises:
+        ValueError: if `model` has no static graph (a subclassed model, or a
+            Sequential model that was never built on an input shape).
+    """
+    if isinstance(model, keras.Sequential):
+        fn = getattr(model, "_functional", None)
+        if fn is None:
+            raise ValueError(
+                "Expected a built Sequential model (start it with "
+                "`keras.Input(shape)` or call `model.build(input_shape)`). "
+                f"Received: model={model.name!r} with no input shape."
+            )
+        return fn
+    if not hasattr(model, "_nodes_by_depth") or not hasattr(model, "_operations"):
+        raise ValueError(
+            "Expected a Functional or Sequential keras.Model, whose layer graph "
+            "can be read. Received: "
+            f"model={getattr(model, 'name', model)!r} of class "
+            f"{type(model).__name__}, a subclassed model. Rebuild it with the "
+            "functional API (`keras.Model(inputs, outputs)`) to prune it."
+        )
+    return model
+
+
+def nodes_in_order(model: keras.Model):
+    """Yields `(layer, input_tensors, output_tensors)` for every call in the graph.
+
+    Nodes come in topological order (inputs first). `InputLayer` nodes are
+    skipped.
+    """
+    fn = functional_of(model)
+    by_depth = fn._nodes_by_depth
+    for depth in sorted(by_depth, reverse=True):
+        for node in by_depth[depth]:
+            layer = node.operation
+            if isinstance(layer, keras.layers.InputLayer):
+                continue
+            yield layer, list(node.input_tensors), list(node.output_tensors)
+
+
+def graph_inputs_outputs(model: keras.Model):
+    fn = functional_of(model)
+    return list(fn.inputs), list(fn.outputs)
+
+
+# --------------------------------------------------------------------------
+# TensorFlow trainer internals used by the scoring train step.
+# --------------------------------------------------------------------------
+
+def unscale_loss_for_distribution(loss):
+    from keras.src.losses import loss as loss_module
+
+    return loss_module.unscale_loss_for_distribution(loss)
+
+
+def compute_loss(model, x, y, y_pred, sample_weight):
+    # `_compute_loss` handles user `compute_loss` overrides without a
+    # `training` argument (added in Keras 3.3).
+    return model._compute_loss(
+        x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
+    )
+
+
+def loss_tracker(model):
+    return model._loss_tracker
+
+
+def call_has_training_arg(model) -> bool:
+    return bool(getattr(model, "_call_has_training_arg", True))

@@ -1,0 +1,327 @@
+"""`TaylorPruning`: global iterative Taylor pruning as a Keras callback.
+
+The callback holds no math. It installs the scoring train step
+(`scoring.TaylorScorer`) when `fit` begins, and every `prune_every` minibatches
+it reads the averaged scores (one host read per pruning step, none per
+minibatch), smooths them with an EMA, ranks all channel groups of all layers
+in one global list, and sets the gates of the lowest-ranked groups to 0, until
+the model is down to its target. Pruned gates stay 0: nothing revives them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import keras
+import numpy as np
+
+from keras_taylor import graph as graph_lib
+from keras_taylor.flops import CostModel, removed_groups_from_gates
+from keras_taylor.gates import gate_layers, is_gated
+from keras_taylor.plan import PruningPlan
+from keras_taylor.scoring import TaylorScorer
+
+logger = logging.getLogger("keras_taylor")
+
+_METRICS = ("flops", "params", "channels")
+# CVPR'19 (ResNet-101 on ImageNet): 100 channels every 30 minibatches, out of
+# the 52,672 channels that carry a gate after BN in ResNet-101.
+_PAPER_CHANNELS_PER_STEP = 100
+_PAPER_GATED_CHANNELS = 52_672
+
+
+class TaylorPruning(keras.callbacks.Callback):
+    """Prunes a gated model during `fit` by Taylor-FO-BN importance (CVPR'19).
+
+    Every `prune_every` minibatches: average the per-minibatch scores
+    accumulated in the train step, update the exponential moving average
+    `ema = momentum * ema + (1 - momentum) * average` (the first step takes the
+    average), rank every live channel group of the whole model by `ema`
+    (no per-layer normalisation), and remove the lowest-ranked ones, up to
+    `channels_per_step` groups per step, never leaving a Conv/Dense layer with
+    fewer than `min_channels` channels, until `metric` is at most `target` of
+    its value in the unpruned model. Training continues throughout; once the
+    target is reached the model's own train step is restored and the rest of
+    `fit` is fine-tuning.
+
+    Args:
+        target: fraction of the unpruned model's `metric` to prune down to, in
+            (0, 1]. Defaults to `0.5`.
+        metric: `"flops"`, `"params"` or `"channels"` (output channels of
+            Conv/Dense layers). Defaults to `"flops"`.
+        prune_every: minibatches between pruning steps (K). Defaults to `30`,
+            the paper's value.
+        channels_per_step: channel groups removed per pruning step (N).
+            Defaults to the paper's 100 per 52,672 gated channels of
+            ResNet-101, scaled to this model's number of groups (at least 1).
+        momentum: EMA momentum across pruning steps. Defaults to `0.9`.
+        min_channels: fewest output channels any Conv/Dense layer keeps.
+            Defaults to `1`.
+        start_step: minibatches of training before the first pruning step
+            (scores accumulate from the start). Defaults to `0`.
+        criterion: criterion id or `Criterion`. Defaults to `"taylor_fo_bn"`.
+
+    Example:
+
+    ```python
+    gated = keras_taylor.add_gates(model)
+    gated.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    pruner = keras_taylor.TaylorPruning(target=0.5)
+    gated.fit(ds, epochs=4, callbacks=[pruner])
+    small = keras_taylor.prune(gated)   # stock Keras layers, half the FLOPs
+    ```
+
+    References:
+        Molchanov et al. "Importance Estimation for Neural Network Pruning".
+        CVPR 2019. Molchanov et al. "Pruning Convolutional Neural Networks for
+        Resource Efficient Inference". ICLR 2017.
+    """
+
+    def __init__(
+        self,
+        target: float = 0.5,
+        metric: str = "flops",
+        prune_every: int = 30,
+        channels_per_step: int | None = None,
+        momentum: float = 0.9,
+        min_channels: int = 1,
+        start_step: int = 0,
+        criterion="taylor_fo_bn",
+    ):
+        super().__init__()
+        if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0.0 < float(target) <= 1.0:
+            raise ValueError(f"Expected target in (0, 1]. Received: target={target!r}")
+        if metric not in _METRICS:
+            raise ValueError(f"Expected metric in {_METRICS}. Received: metric={metric!r}")
+        for arg, value, low in (("prune_every", prune_every, 1), ("min_channels", min_channels, 1), ("start_step", start_step, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"Expected {arg} to be an integer >= {low}. Received: {arg}={value!r}")
+        if channels_per_step is not None and (not isinstance(channels_per_step, int) or channels_per_step < 1):
+            raise ValueError(f"Expected channels_per_step to be an integer >= 1. Received: channels_per_step={channels_per_step!r}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"Expected momentum in [0, 1). Received: momentum={momentum!r}")
+        self.target = float(target)
+        self.metric = metric
+        self.prune_every = prune_every
+        self.channels_per_step = channels_per_step
+        self.momentum = float(momentum)
+        self.min_channels = min_channels
+        self.start_step = start_step
+        self.criterion = criterion
+        self._graph = None
+        self._scorer = None
+        self._model_id = None
+        self._step = 0
+        self._last_event = 0
+        self._epoch_base = 0
+        self._installed = False
+        self.done = False
+        self.ema = None
+        self.removed = []  # removed groups, in removal order
+        self.history = []  # one dict per pruning step
+
+    # ---- setup -----------------------------------------------------------------
+    def _setup(self) -> None:
+        model = self.model
+        if not is_gated(model):
+            raise ValueError(
+                "Expected a gated model (from `keras_taylor.add_gates(model)`). "
+                f"Received: model={model.name!r} without ChannelGate layers."
+            )
+        if id(model) == self._model_id:
+            return
+        graph = graph_lib.analyze(model, on_unknown="freeze")
+        if graph.num_groups == 0:
+            raise ValueError(f"Expected prunable channels. Received: model={model.name!r} with none.")
+        self._graph = graph
+        self._cost = CostModel(graph)
+        self._scorer = TaylorScorer(model, graph, self.criterion)
+        self._model_id = id(model)
+        self._creating = self._creating_channels(graph)
+        self._base = self._measure(np.ones(len(graph.comp_of), dtype=bool))
+        self.removed = sorted(removed_groups_from_gates(model, graph))
+        self.ema = np.zeros(graph.num_groups)
+        self._ema_started = np.zeros(graph.num_groups, dtype=bool)
+        self._members = graph.group_members()
+        self._layer_of_group = self._group_layer_counts(graph)
+        n = self.channels_per_step
+        if n is None:
+            n = max(1, int(round(_PAPER_CHANNELS_PER_STEP * graph.num_groups / _PAPER_GATED_CHANNELS)))
+        self._per_step = n
+        self.done = self._fraction(graph.alive_ids(self.removed)) <= self.target
+
+    @staticmethod
+    def _creating_channels(graph) -> list:
+        """Channel maps of every Conv/Dense output, for the channels metric and min_channels."""
+        seen, maps = set(), []
+        for node in graph.nodes:
+            if node.handler is not None and node.handler.creates_channels and node.name not in seen:
+                seen.add(node.name)
+                maps.append((node.name, node.out_maps[0]))
+        return maps
+
+    @staticmethod
+    def _group_layer_counts(graph) -> list:
+        """For each group, `[(layer, channels it holds in that layer's output)]`."""
+        per_group: list = [[] for _ in range(graph.num_groups)]
+        seen = set()
+        for node in graph.nodes:
+            if node.handler is None or not node.handler.creates_channels or node.name in seen:
+                continue
+            seen.add(node.name)
+            groups = graph.group_of_comp[graph.comp_of[node.out_maps[0]]]
+            uniq, counts = np.unique(groups[groups >= 0], return_counts=True)
+            for g, c in zip(uniq.tolist(), counts.tolist()):
+                per_group[g].append((node.name, c))
+        return per_group
+
+    def _measure(self, alive) -> dict:
+        flops, params = self._cost.evaluate(alive)
+        channels = sum(int(np.count_nonzero(alive[m])) for _, m in self._creating)
+        return {"flops": flops, "params": params, "channels": channels}
+
+    def _fraction(self, alive) -> float:
+        if self.metric == "channels":
+            now = sum(int(np.count_nonzero(alive[m])) for _, m in self._creating)
+        else:
+            flops, params = self._cost.evaluate(alive)
+            now = flops if self.metric == "flops" else params
+        base = self._base[self.metric]
+        return now / base if base else 1.0
+
+    # ---- Keras hooks -------------------------------------------------------------
+    def on_train_begin(self, logs=None):
+        self._setup()
+        if not self.done:
+            self._scorer.install()
+            self._installed = True
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_base = self._step
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._step = self._epoch_base + int(batch) + 1
+        if (
+            not self.done
+            and self._step >= self.start_step
+            and self._step - max(self._last_event, self.start_step) >= self.prune_every
+        ):
+            self._prune_step()
+        if logs is not None:
+            logs.update(self._log_values())
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs.update(self._log_values())
+
+    def on_train_end(self, logs=None):
+        self._uninstall()
+
+    def _uninstall(self):
+        if self._installed:
+            self._scorer.uninstall()
+            self._installed = False
+
+    # ---- pruning ---------------------------------------------------------------------
+    def _prune_step(self) -> None:
+        graph = self._graph
+        scores, steps = self._scorer.read()
+        self._scorer.reset()
+        self._last_event = self._step
+        if steps == 0:
+            logger.warning("keras_taylor: no finite scores in the last %d minibatches; not pruning.", self.prune_every)
+            return
+        fresh = ~self._ema_started
+        self.ema = np.where(fresh, scores, self.momentum * self.ema + (1.0 - self.momentum) * scores)
+        self._ema_started[:] = True
+
+        removed = set(self.removed)
+        counts = {}
+        alive = graph.alive_ids(removed)
+        for name, m in self._creating:
+            counts[name] = int(np.count_nonzero(alive[m]))
+        order = np.argsort(self.ema, kind="stable")
+        taken = []
+        for g in order.tolist():
+            if len(taken) >= self._per_step:
+                break
+            if g in removed or not np.isfinite(self.ema[g]):
+                continue
+            if any(counts[name] - c < self.min_channels for name, c in self._layer_of_group[g]):
+                continue
+            for name, c in self._layer_of_group[g]:
+                counts[name] -= c
+            removed.add(g)
+            taken.append(g)
+            if self._fraction(graph.alive_ids(removed)) <= self.target:
+                self.done = True
+                break
+        if not taken and not self.done:
+            self.done = True
+            logger.warning(
+                "keras_taylor: cannot remove more channels without going below "
+                "min_channels=%d; stopping at %s fraction %.3f (target %.3f).",
+                self.min_channels, self.metric, self._fraction(alive), self.target,
+            )
+        self.removed.extend(taken)
+        self._set_gates(removed)
+        frac = self._measure(graph.alive_ids(removed))
+        record = {
+            "step": self._step,
+            "removed": len(taken),
+            "removed_total": len(self.removed),
+            "flops_fraction": frac["flops"] / self._base["flops"],
+            "params_fraction": frac["params"] / self._base["params"],
+            "channels_fraction": frac["channels"] / self._base["channels"],
+        }
+        self.history.append(record)
+        logger.info("keras_taylor: step %d removed %d groups (%d total); FLOPs %.3f", self._step, len(taken), len(self.removed), record["flops_fraction"])
+        if self.done:
+            # Pruning is over: the rest of fit is plain fine-tuning.
+            self._uninstall()
+
+    def _set_gates(self, removed) -> None:
+        removed_arr = np.array(sorted(removed), dtype=np.int64)
+        for layer in gate_layers(self.model):
+            groups = self._graph.groups_of_layer_output(layer.name)
+            off = np.isin(groups, removed_arr) & (groups >= 0)
+            current = keras.ops.convert_to_numpy(layer.gate.value)
+            new = np.where(off, 0.0, current).astype("float32")
+            if not np.array_equal(new, current):
+                layer.gate.assign(new)
+
+    def _log_values(self) -> dict:
+        if self._graph is None:
+            return {}
+        if self.history:
+            last = self.history[-1]
+            return {"kt_flops": last["flops_fraction"], "kt_params": last["params_fraction"], "kt_pruned": float(last["removed_total"])}
+        return {"kt_flops": 1.0, "kt_params": 1.0, "kt_pruned": float(len(self.removed))}
+
+    # ---- state as plain data -----------------------------------------------------------
+    @property
+    def plan(self) -> PruningPlan:
+        """The channels removed so far, as a `PruningPlan`."""
+        if self._graph is None:
+            raise ValueError("The callback has not seen a model yet: call `fit` first.")
+        return PruningPlan.from_groups(self._graph, self.removed)
+
+    def state(self) -> dict:
+        """Scores, EMA and plan so far, as plain Python data (JSON-able)."""
+        scores = steps = None
+        if self._scorer is not None:
+            mean, steps = self._scorer.read()
+            scores = mean.tolist()
+        return {
+            "step": self._step,
+            "done": self.done,
+            "num_groups": None if self._graph is None else self._graph.num_groups,
+            "channels_per_step": getattr(self, "_per_step", None),
+            "pending_scores": scores,
+            "pending_minibatches": steps,
+            "ema": None if self.ema is None else self.ema.tolist(),
+            "removed_groups": list(self.removed),
+            "history": list(self.history),
+            "plan": None if self._graph is None else self.plan.to_dict(),
+        }

@@ -1,0 +1,139 @@
+"""FLOPs and parameter counts, per layer and total.
+
+Convention (both papers; ResNet-50 = 4.1 GFLOPs at 224×224): FLOPs are the
+multiply–accumulates of Conv and Dense layers, counted once per call. Params
+are every weight Keras counts in `model.count_params()` (BN moving statistics
+included, gate variables excluded).
+
+For a gated model the counts are *effective*: channels whose gate is 0 are
+left out, so they equal the counts of the model that `keras_taylor.prune`
+returns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import keras
+import numpy as np
+
+from keras_taylor import graph as graph_lib
+
+
+@dataclass(frozen=True)
+class LayerCount:
+    """Cost of one layer: `flops` (MACs, all calls) and `params`."""
+
+    name: str
+    class_name: str
+    flops: int
+    params: int
+
+
+@dataclass
+class Profile:
+    """FLOPs and params of a model, per layer and in total."""
+
+    layers: list = field(default_factory=list)
+
+    @property
+    def flops(self) -> int:
+        return int(sum(l.flops for l in self.layers))
+
+    @property
+    def params(self) -> int:
+        return int(sum(l.params for l in self.layers))
+
+    def by_name(self) -> dict:
+        return {l.name: l for l in self.layers}
+
+    def table(self) -> str:
+        """A plain-text table, one row per layer with a cost, then the total."""
+        rows = [(l.name, l.class_name, f"{l.flops:,}", f"{l.params:,}") for l in self.layers if l.flops or l.params]
+        rows.append(("total", "", f"{self.flops:,}", f"{self.params:,}"))
+        head = ("layer", "class", "FLOPs (MACs)", "params")
+        widths = [max(len(r[i]) for r in rows + [head]) for i in range(4)]
+        fmt = lambda r: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        return "\n".join([fmt(head)] + [fmt(r) for r in rows])
+
+
+class CostModel:
+    """Evaluates FLOPs and params of a model for any set of removed groups.
+
+    Built once from a `ChannelGraph`; `evaluate` is cheap enough to call for
+    every candidate channel while a pruning step selects channels.
+    """
+
+    def __init__(self, graph: graph_lib.ChannelGraph):
+        self.graph = graph
+        self._terms = []  # (name, class, in_ids or None, out_ids, macs Cost, params Cost or None, fixed params)
+        seen = set()
+        for node in graph.nodes:
+            inner = node.inner
+            first = node.name not in seen
+            seen.add(node.name)
+            if node.handler is None:
+                self._terms.append((node.name, type(inner).__name__, None, None, None, None, inner.count_params() if first else 0))
+                continue
+            in_ids = node.in_maps[0] if node.in_maps else None
+            out_ids = node.out_maps[0]
+            macs = node.handler.macs(inner, node.in_shapes, node.out_shapes)
+            params = node.handler.params(inner, node.in_shapes, node.out_shapes) if first else None
+            self._terms.append((node.name, type(inner).__name__, in_ids, out_ids, macs, params, 0))
+
+    def profile(self, alive: np.ndarray | None = None) -> Profile:
+        """Per-layer counts with only the `alive` channel ids (all when `None`)."""
+        per_layer: dict = {}
+        for name, cls, in_ids, out_ids, macs, params, fixed in self._terms:
+            if macs is None:
+                f, p = 0, fixed
+            else:
+                cin = (len(in_ids) if alive is None else int(alive[in_ids].sum())) if in_ids is not None else 0
+                cout = len(out_ids) if alive is None else int(alive[out_ids].sum())
+                f = macs.total(cin, cout)
+                p = params.total(cin, cout) if params is not None else 0
+            prev = per_layer.get(name)
+            per_layer[name] = LayerCount(name, cls, int(round(f)) + (prev.flops if prev else 0), int(round(p)) + (prev.params if prev else 0))
+        return Profile(list(per_layer.values()))
+
+    def evaluate(self, alive: np.ndarray) -> tuple:
+        """Returns `(flops, params)` with only the `alive` channel ids."""
+        flops = params = 0.0
+        for _, _, in_ids, out_ids, macs, prm, fixed in self._terms:
+            if macs is None:
+                params += fixed
+                continue
+            cin = int(np.count_nonzero(alive[in_ids])) if in_ids is not None else 0
+            cout = int(np.count_nonzero(alive[out_ids]))
+            flops += macs.total(cin, cout)
+            if prm is not None:
+                params += prm.total(cin, cout)
+        return flops, params
+
+
+def removed_groups_from_gates(model: keras.Model, graph: graph_lib.ChannelGraph) -> set:
+    """Groups whose gates are all 0 in a gated model."""
+    from keras_taylor.gates import gate_values
+
+    removed = set()
+    for name, values in gate_values(model).items():
+        groups = graph.groups_of_layer_output(name)
+        removed.update(int(g) for g in groups[(values == 0.0) & (groups >= 0)])
+    return removed
+
+
+def profile(model: keras.Model) -> Profile:
+    """Counts FLOPs (MACs) and params of every layer of `model`.
+
+    Args:
+        model: a Functional or Sequential model, gated or not. Layers without
+            a handler are counted with their full params and 0 FLOPs.
+
+    Returns:
+        A `Profile`; `profile(m).params == m.count_params()` for an ungated
+        model.
+    """
+    graph = graph_lib.analyze(model, on_unknown="freeze")
+    cost = CostModel(graph)
+    alive = graph.alive_ids(removed_groups_from_gates(model, graph))
+    return cost.profile(alive)

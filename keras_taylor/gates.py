@@ -1,0 +1,247 @@
+"""Channel gates: `ChannelGate`, `add_gates`, `strip_gates`.
+
+A gate is a per-channel scalar `m` (1 = kept, 0 = pruned) on a layer's output
+channels, placed after each Conv/Dense and after its BatchNormalization when
+one follows (the CVPR'19 "gate after BN").
+
+The gate does not multiply the activation. It scales the parameters that make
+the output channel instead (BN: `gamma` and `beta`; Conv/Dense: the kernel's
+output slice and the bias), which gives the same output `m * y` for `m` in
+{0, 1} and keeps the added work parameter-sized, not activation-sized:
+
+    BN:    y = (m*gamma) * x_hat + (m*beta)      = m * BN(x)
+    conv:  y = act(x * (m*W) + m*b)              = act(m * conv(x))
+
+Backprop then yields `dL/dm = sum(gamma * dL/dgamma' + beta * dL/dbeta')` (or
+the kernel/bias analogue), exactly the gradient of a gate on the output
+(DESIGN.md §1). A layer whose output cannot be scaled through its parameters
+(BN with `scale=False`) falls back to multiplying its output.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_taylor import graph as graph_lib
+
+_MODES = ("params", "output")
+
+
+@keras.saving.register_keras_serializable(package="keras_taylor")
+class ChannelGate(keras.layers.Wrapper):
+    """Puts a per-channel gate on the output channels of a layer.
+
+    Args:
+        layer: the `keras.layers.Layer` to wrap (Conv, Dense or
+            BatchNormalization, channels last).
+        mode: `"params"` scales the layer's channel parameters by the gate,
+            `"output"` multiplies the layer's output. Defaults to `"params"`
+            when the layer allows it.
+        **kwargs: base layer arguments (`name`, ...).
+
+    Example:
+
+    ```python
+    gated = keras_taylor.ChannelGate(keras.layers.BatchNormalization())
+    y = gated(x)        # equals BN(x) while every gate is 1
+    ```
+    """
+
+    is_channel_gate = True
+
+    def __init__(self, layer, mode: str | None = None, **kwargs):
+        super().__init__(layer, **kwargs)
+        handler = graph_lib.get_handler(layer)
+        if handler is None or not handler.needs_gate:
+            raise ValueError(
+                "Expected a layer that makes or shifts channels (Conv, Dense, "
+                f"BatchNormalization). Received: layer={layer.name!r} of class "
+                f"{type(layer).__name__}."
+            )
+        if mode is not None and mode not in _MODES:
+            raise ValueError(f"Expected mode in {_MODES}. Received: mode={mode!r}")
+        self._handler = handler
+        self.mode = mode
+        params = inspect.signature(layer.call).parameters
+        self._layer_takes_training = "training" in params
+        self._layer_takes_mask = "mask" in params
+
+    def build(self, input_shape):
+        if not self.layer.built:
+            self.layer.build(input_shape)
+        if self.mode is None:
+            self.mode = "params" if self._handler.gate_variables(self.layer) else "output"
+        out_shape = self.layer.compute_output_shape(input_shape)
+        self.gate = self.add_weight(
+            name="gate",
+            shape=(int(out_shape[-1]),),
+            initializer="ones",
+            trainable=False,
+            dtype="float32",
+            autocast=False,
+        )
+        self.built = True
+
+    @property
+    def channels(self) -> int:
+        return int(self.gate.shape[0])
+
+    def _call_inner(self, inputs, training, mask):
+        kwargs = {}
+        if self._layer_takes_training:
+            kwargs["training"] = training
+        if self._layer_takes_mask and mask is not None:
+            kwargs["mask"] = mask
+        return self.layer(inputs, **kwargs)
+
+    def call(self, inputs, training=None, mask=None):
+        if self.mode == "output":
+            y = self._call_inner(inputs, training, mask)
+            return y * ops.cast(self.gate, y.dtype)
+        gated = self._handler.gate_variables(self.layer)
+        mapping = [(v, v.value * ops.cast(self.gate, v.dtype)) for v in gated]
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            y = self._call_inner(inputs, training, mask)
+        # State updates made inside the scope (BN moving statistics) are
+        # recorded by the scope, not applied: apply them.
+        mapped = {id(v) for v in gated}
+        for v in self.layer.variables:
+            if id(v) in mapped:
+                continue
+            new = scope.get_current_value(v)
+            if new is not None:
+                v.assign(new)
+        return y
+
+    def compute_output_shape(self, input_shape):
+        return self.layer.compute_output_shape(input_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        config["mode"] = self.mode
+        return config
+
+
+def is_gated(model: keras.Model) -> bool:
+    """True if any layer of `model` is a `ChannelGate`."""
+    return any(isinstance(l, ChannelGate) for l in model.layers)
+
+
+def gate_layers(model: keras.Model) -> list:
+    """The `ChannelGate` layers of a model, in model order."""
+    return [l for l in model.layers if isinstance(l, ChannelGate)]
+
+
+def _clone_layer(layer):
+    new = layer.__class__.from_config(layer.get_config())
+    return new
+
+
+def _copy_weights(pairs) -> None:
+    for src, dst in pairs:
+        dst.set_weights(src.get_weights())
+
+
+def add_gates(model: keras.Model, on_unknown: str = "error") -> keras.Model:
+    """Returns a copy of `model` with a `ChannelGate` at every prunable site.
+
+    The user's model is never modified: the gated model has new layers holding
+    copies of the weights.
+
+    Args:
+        model: a built Functional or Sequential model.
+        on_unknown: `"error"` or `"freeze"`, see `keras_taylor.analyze`.
+            Defaults to `"error"`.
+
+    Returns:
+        A new `keras.Model` of the same class (Functional or Sequential) whose
+        gated layers are wrapped in `ChannelGate`, every gate at 1. It computes
+        the same function as `model`.
+
+    Raises:
+        ValueError: if the model cannot be analysed (see `analyze`), or is
+            already gated.
+    """
+    if is_gated(model):
+        raise ValueError(
+            "Expected a model without gates. Received: model="
+            f"{model.name!r}, which already holds ChannelGate layers."
+        )
+    graph = graph_lib.analyze(model, on_unknown=on_unknown)
+    sites = set(graph.gate_sites)
+    pairs = []
+
+    def clone(layer):
+        new = _clone_layer(layer)
+        pairs.append((layer, new))
+        if layer.name in sites:
+            return ChannelGate(new, name=layer.name)
+        return new
+
+    gated = keras.models.clone_model(model, clone_function=clone)
+    _copy_weights(pairs)
+    return gated
+
+
+def strip_gates(model: keras.Model) -> keras.Model:
+    """Returns a copy of a gated model with every gate folded into its layer.
+
+    Each gate multiplies the parameters it scales (BN `gamma`/`beta`, kernel
+    output slices and bias), so the result computes the same function as the
+    gated model with only stock Keras layers. Pruned channels (gate 0) stay in
+    place as zero channels; use `keras_taylor.prune` to remove them.
+
+    Args:
+        model: a model holding `ChannelGate` layers.
+
+    Returns:
+        A new model without `ChannelGate` layers.
+
+    Raises:
+        ValueError: if a gate that multiplies its output (mode `"output"`) has
+            a value other than 1, since it cannot be folded into parameters.
+    """
+    return _strip(model, check_output_gates=True)
+
+
+def _strip(model: keras.Model, check_output_gates: bool) -> keras.Model:
+    pairs = []
+    folds = []
+
+    def clone(layer):
+        if isinstance(layer, ChannelGate):
+            new = _clone_layer(layer.layer)
+            folds.append((layer, new))
+            return new
+        new = _clone_layer(layer)
+        pairs.append((layer, new))
+        return new
+
+    stripped = keras.models.clone_model(model, clone_function=clone)
+    _copy_weights(pairs)
+    for wrapper, new in folds:
+        gate = keras.ops.convert_to_numpy(wrapper.gate.value)
+        inner = wrapper.layer
+        scaled = {id(v) for v in wrapper._handler.gate_variables(inner)} if wrapper.mode == "params" else set()
+        if wrapper.mode == "output" and check_output_gates and not np.all(gate == 1.0):
+            raise ValueError(
+                f"Cannot fold the gate of layer {wrapper.name!r} into its "
+                "parameters: it multiplies the layer's output and has values "
+                "other than 1. Use `keras_taylor.prune(model)` to remove the "
+                "gated channels instead."
+            )
+        weights = [
+            keras.ops.convert_to_numpy(v.value) * (gate if id(v) in scaled else 1.0)
+            for v in inner.weights
+        ]
+        new.set_weights([w.astype(v.dtype) for w, v in zip(weights, inner.weights)])
+    return stripped
+
+
+def gate_values(model: keras.Model) -> dict:
+    """Returns `{layer_name: np.ndarray}` with the current gate of every gated layer."""
+    return {l.name: keras.ops.convert_to_numpy(l.gate.value) for l in gate_layers(model)}

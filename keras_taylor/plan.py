@@ -1,0 +1,136 @@
+"""`PruningPlan`: which channels to remove, as plain JSON-able data.
+
+A plan maps each gate site (a layer name) to the output channel indices to
+remove. Channels tied in a group (residual adds) are removed together: naming
+one member removes the whole group, and `PruningPlan.from_groups` always lists
+every member.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import keras
+import numpy as np
+
+from keras_taylor import graph as graph_lib
+
+FORMAT = "keras_taylor.plan/1"
+
+
+@dataclass
+class PruningPlan:
+    """Channels to remove, per gated layer.
+
+    Attributes:
+        removed: `{layer_name: sorted list of removed output channel indices}`.
+        model_name: name of the model the plan was made for (informative).
+    """
+
+    removed: dict = field(default_factory=dict)
+    model_name: str = ""
+
+    # ---- construction ---------------------------------------------------
+    @classmethod
+    def from_groups(cls, graph: graph_lib.ChannelGraph, groups) -> "PruningPlan":
+        """The plan that removes the given channel groups of `graph`."""
+        groups = set(int(g) for g in groups)
+        removed = {}
+        for name in graph.gate_sites:
+            of = graph.groups_of_layer_output(name)
+            idx = [i for i, g in enumerate(of.tolist()) if g in groups]
+            if idx:
+                removed[name] = idx
+        return cls(removed=removed, model_name=graph.model_name)
+
+    @classmethod
+    def from_gates(cls, model: keras.Model) -> "PruningPlan":
+        """The plan that removes every channel whose gate is 0 in a gated model."""
+        from keras_taylor.flops import removed_groups_from_gates
+
+        graph = graph_lib.analyze(model, on_unknown="freeze")
+        return cls.from_groups(graph, removed_groups_from_gates(model, graph))
+
+    # ---- use ---------------------------------------------------------------
+    @property
+    def num_removed(self) -> int:
+        return sum(len(v) for v in self.removed.values())
+
+    def removed_groups(self, graph: graph_lib.ChannelGraph) -> set:
+        """Group indices of `graph` that this plan removes.
+
+        Raises:
+            ValueError: if the plan names a layer that is not a gate site of
+                the model, a channel index out of range, or a channel that
+                cannot be pruned.
+        """
+        sites = set(graph.gate_sites)
+        groups = set()
+        for name, idx in self.removed.items():
+            if name not in sites:
+                raise ValueError(
+                    f"Expected the plan's layers to be prunable layers of model "
+                    f"{graph.model_name!r} ({sorted(sites)}). Received: a plan "
+                    f"that prunes layer {name!r}."
+                )
+            of = graph.groups_of_layer_output(name)
+            for i in idx:
+                if not 0 <= int(i) < len(of):
+                    raise ValueError(
+                        f"Expected channel indices of layer {name!r} in [0, {len(of)}). "
+                        f"Received: {i}."
+                    )
+                if of[int(i)] < 0:
+                    raise ValueError(
+                        f"Channel {i} of layer {name!r} cannot be pruned. Received: "
+                        f"a plan that removes it."
+                    )
+                groups.add(int(of[int(i)]))
+        return groups
+
+    # ---- serialization --------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT,
+            "model_name": self.model_name,
+            "removed": {k: [int(i) for i in v] for k, v in self.removed.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PruningPlan":
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ValueError(
+                f"Expected a plan dict with format={FORMAT!r}. Received: "
+                f"{str(data)[:200]!r}"
+            )
+        removed = data.get("removed")
+        if not isinstance(removed, dict) or not all(
+            isinstance(k, str) and isinstance(v, list) and all(isinstance(i, int) for i in v)
+            for k, v in removed.items()
+        ):
+            raise ValueError(
+                "Expected 'removed' to map layer names to lists of channel "
+                f"indices. Received: {str(removed)[:200]!r}"
+            )
+        return cls(removed={k: sorted(v) for k, v in removed.items()}, model_name=str(data.get("model_name", "")))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "PruningPlan":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"Expected a JSON pruning plan. Received text that does not parse: {e}") from e
+        return cls.from_dict(data)
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as f:
+            f.write(self.to_json())
+
+    @classmethod
+    def load(cls, path: str) -> "PruningPlan":
+        with open(path) as f:
+            return cls.from_json(f.read())

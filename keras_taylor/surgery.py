@@ -1,0 +1,104 @@
+"""Surgery: apply a `PruningPlan` to get a smaller model of stock Keras layers.
+
+Every layer is rebuilt from its config with the pruned channels left out
+(`filters`/`units` reduced) and its weights sliced to match, for producers
+(output filters) and consumers (input channels, or Flatten→Dense features)
+alike. The result equals the gated model with the removed channels' gates at
+0, and holds no keras_taylor layers.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+from keras_taylor import gates as gates_lib
+from keras_taylor import graph as graph_lib
+from keras_taylor.plan import PruningPlan
+
+
+def apply_plan(model: keras.Model, plan: PruningPlan, on_unknown: str = "error") -> keras.Model:
+    """Returns a new model with the plan's channels physically removed.
+
+    Args:
+        model: a Functional or Sequential model, gated or not. Gates are
+            folded first (see `strip_gates`); the model is not modified.
+        plan: the `PruningPlan` to apply.
+        on_unknown: see `keras_taylor.analyze`. Defaults to `"error"`.
+
+    Returns:
+        A new model of the same kind (Functional or Sequential) made of stock
+        Keras layers.
+
+    Raises:
+        ValueError: if the plan does not fit the model, would remove every
+            channel of a layer, or a layer on a pruned path has no handler.
+    """
+    if not isinstance(plan, PruningPlan):
+        raise TypeError(f"Expected a keras_taylor.PruningPlan. Received: plan={plan!r}")
+    # Analyse (and validate the plan) before building anything.
+    graph = graph_lib.analyze(model, on_unknown=on_unknown)
+    removed = plan.removed_groups(graph)
+    alive = graph.alive_ids(removed)
+    for name, count in graph.layer_channel_counts(removed).items():
+        if count == 0:
+            raise ValueError(
+                f"Expected at least one channel left in every layer. Received: "
+                f"a plan that removes every output channel of layer {name!r}."
+            )
+    if gates_lib.is_gated(model):
+        model = gates_lib._strip(model, check_output_gates=False)
+        graph = graph_lib.analyze(model, on_unknown=on_unknown)
+        alive = graph.alive_ids(removed)
+
+    kept = {}
+    for node in graph.nodes:
+        if node.name in kept:
+            continue
+        kept[node.name] = (
+            [np.flatnonzero(alive[m]) for m in node.in_maps],
+            [np.flatnonzero(alive[m]) for m in node.out_maps],
+        )
+    pending = []
+
+    def clone(layer):
+        config = layer.get_config()
+        weights = layer.get_weights()
+        handler = graph_lib.get_handler(layer)
+        if handler is not None and layer.name in kept:
+            kin, kout = kept[layer.name]
+            full = all(len(k) == len(m) for k, m in zip(kin + kout, _maps(graph, layer.name)))
+            if not full:
+                config, weights = handler.slice(layer, config, weights, kin, kout)
+        new = layer.__class__.from_config(config)
+        pending.append((new, weights))
+        return new
+
+    pruned = keras.models.clone_model(model, clone_function=clone)
+    for layer, weights in pending:
+        layer.set_weights(weights)
+    return pruned
+
+
+def _maps(graph, name):
+    node = graph.first_node(name)
+    return node.in_maps + node.out_maps
+
+
+def prune(model: keras.Model, on_unknown: str = "error") -> keras.Model:
+    """Removes every channel whose gate is 0 from a gated model.
+
+    Args:
+        model: a model returned by `add_gates` (and pruned by the callback).
+        on_unknown: see `keras_taylor.analyze`. Defaults to `"error"`.
+
+    Returns:
+        A new, smaller model of stock Keras layers.
+    """
+    if not gates_lib.is_gated(model):
+        raise ValueError(
+            "Expected a gated model (from `keras_taylor.add_gates`). Received: "
+            f"model={model.name!r} without ChannelGate layers; use "
+            "`apply_plan(model, plan)` for an ungated model."
+        )
+    return apply_plan(model, PruningPlan.from_gates(model), on_unknown=on_unknown)

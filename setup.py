@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="keras_taylor",
+    version="0.1.0",
+    description="Taylor-expansion channel pruning for Keras 3 CNNs (Molchanov et al. ICLR'17, CVPR'19)",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["keras_taylor", "keras_taylor.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "keras>=3.10",
+        "numpy",
+        "absl-py",
+    ],
+    extras_require={
+        # TensorFlow is the backend the scoring step runs on; `tensorflow` (GPU)
+        # works as well as the CPU wheel.
+        "tf": ["tensorflow-cpu>=2.18"],
+        "examples": ["tensorflow-cpu>=2.18", "tensorflow-datasets"],
+        "test": ["tensorflow-cpu>=2.18", "tensorflow-datasets", "pytest", "pytest-xdist", "hypothesis", "scipy"],
+    },
+    entry_points={},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
