@@ -137,8 +137,27 @@ def gate_layers(model: keras.Model) -> list:
 
 
 def _clone_layer(layer):
-    new = layer.__class__.from_config(layer.get_config())
-    return new
+    return layer.__class__.from_config(layer.get_config())
+
+
+def _call_accepting(layer, *args, **kwargs):
+    """Calls `layer`, dropping keyword arguments its `call` does not take.
+
+    A node recorded for one layer (`mask=None` passed to a BN) is replayed on
+    another (the wrapper, or the wrapper's inner Conv) when gates are added or
+    stripped.
+    """
+    params = inspect.signature(layer.call).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        kwargs = {k: v for k, v in kwargs.items() if k in params}
+    return layer(*args, **kwargs)
+
+
+def clone_with(model: keras.Model, clone_function) -> keras.Model:
+    """`keras.models.clone_model` that tolerates swapping layer classes."""
+    if isinstance(model, keras.Sequential):
+        return keras.models.clone_model(model, clone_function=clone_function)
+    return keras.models.clone_model(model, clone_function=clone_function, call_function=_call_accepting)
 
 
 def _copy_weights(pairs) -> None:
@@ -182,7 +201,7 @@ def add_gates(model: keras.Model, on_unknown: str = "error") -> keras.Model:
             return ChannelGate(new, name=layer.name)
         return new
 
-    gated = keras.models.clone_model(model, clone_function=clone)
+    gated = clone_with(model, clone)
     _copy_weights(pairs)
     return gated
 
@@ -221,7 +240,7 @@ def _strip(model: keras.Model, check_output_gates: bool) -> keras.Model:
         pairs.append((layer, new))
         return new
 
-    stripped = keras.models.clone_model(model, clone_function=clone)
+    stripped = clone_with(model, clone)
     _copy_weights(pairs)
     for wrapper, new in folds:
         gate = keras.ops.convert_to_numpy(wrapper.gate.value)

@@ -6,7 +6,8 @@ weights, and tells `flops.py` what it costs. Only layers with a handler may sit
 on a pruned path; anything else is refused with an error that names the layer
 (see `graph.analyze`). Users extend the registry with `register_handler`.
 
-Costs follow the convention of both papers (ResNet-50 = 4.1 GFLOPs at 224²):
+Costs follow the convention of both papers and of He et al. (ResNet-50 v1 =
+3.8 GFLOPs at 224², Table 1):
 "FLOPs" counts the multiply–accumulates of Conv and Dense layers; batch norm,
 activations, pooling and additions count 0. Params count every weight Keras
 counts (`model.count_params()`), so BN moving statistics are included.

@@ -74,7 +74,7 @@ def apply_plan(model: keras.Model, plan: PruningPlan, on_unknown: str = "error")
         pending.append((new, weights))
         return new
 
-    pruned = keras.models.clone_model(model, clone_function=clone)
+    pruned = gates_lib.clone_with(model, clone)
     for layer, weights in pending:
         layer.set_weights(weights)
     return pruned

@@ -1,0 +1,95 @@
+"""Shared fixtures: tiny seeded models (≈16×16 inputs, ≤8 filters)."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras
+import numpy as np
+import pytest
+from keras import layers
+
+from keras_taylor import models
+
+
+def randomize_bn(model, seed=0):
+    """Gives every BatchNormalization non-trivial statistics, so BN(0) != 0."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            new = []
+            for v in layer.weights:
+                shape = tuple(v.shape)
+                if "variance" in v.name:
+                    new.append(rng.uniform(0.5, 1.5, shape).astype("float32"))
+                elif "gamma" in v.name:
+                    new.append(rng.uniform(0.5, 1.5, shape).astype("float32"))
+                else:
+                    new.append(rng.normal(0, 0.5, shape).astype("float32"))
+            layer.set_weights(new)
+    return model
+
+
+def plain_cnn():
+    inputs = keras.Input((16, 16, 3), name="x")
+    x = layers.Conv2D(8, 3, padding="same", name="c1")(inputs)
+    x = layers.BatchNormalization(name="b1")(x)
+    x = layers.ReLU(name="r1")(x)
+    x = layers.ZeroPadding2D(1, name="pad")(x)
+    x = layers.Conv2D(6, 3, strides=2, activation="relu", name="c2")(x)
+    x = layers.AveragePooling2D(2, name="avg")(x)
+    x = layers.Conv2D(8, 1, use_bias=False, name="c3")(x)
+    x = layers.BatchNormalization(name="b3")(x)
+    x = layers.Activation("relu", name="a3")(x)
+    x = layers.Dropout(0.1, name="drop")(x)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    x = layers.Dense(8, activation="relu", name="fc")(x)
+    outputs = layers.Dense(5, name="out")(x)
+    return keras.Model(inputs, outputs, name="plain")
+
+
+def residual():
+    return models.resnet(input_shape=(16, 16, 3), num_classes=5, widths=(4, 8), blocks_per_stage=2, name="res")
+
+
+def vgg_sequential():
+    return models.vgg(input_shape=(16, 16, 3), num_classes=5, widths=(4, 8), dense_units=8, name="vggseq")
+
+
+def concat_net():
+    inputs = keras.Input((16, 16, 3))
+    a = layers.Conv2D(4, 3, padding="same", name="a")(inputs)
+    a = layers.BatchNormalization(name="a_bn")(a)
+    b = layers.Conv2D(3, 1, padding="same", name="b")(inputs)
+    b = layers.ReLU(name="b_relu")(b)
+    x = layers.Concatenate(name="cat")([a, b])
+    x = layers.MaxPooling2D(name="mp")(x)
+    c = layers.Conv2D(7, 3, padding="same", name="c")(x)
+    c = layers.BatchNormalization(name="c_bn")(c)
+    x = layers.Add(name="add")([x, c])
+    x = layers.Flatten(name="flat")(x)
+    outputs = layers.Dense(4, name="out")(x)
+    return keras.Model(inputs, outputs, name="concat")
+
+
+FACTORIES = {"plain": plain_cnn, "residual": residual, "vgg_sequential": vgg_sequential, "concat": concat_net}
+
+
+@pytest.fixture(params=sorted(FACTORIES))
+def factory(request):
+    return FACTORIES[request.param]
+
+
+def make(name_or_fn, seed=0):
+    keras.utils.set_random_seed(seed)
+    fn = FACTORIES[name_or_fn] if isinstance(name_or_fn, str) else name_or_fn
+    return randomize_bn(fn(), seed)
+
+
+def images(n=8, seed=0, shape=(16, 16, 3)):
+    return np.random.default_rng(seed).uniform(-1, 1, (n, *shape)).astype("float32")
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, "float64"), np.asarray(b, "float64")
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12))
