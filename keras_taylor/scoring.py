@@ -123,4 +123,6 @@ class TaylorScorer:
         """Restores the model's own train step."""
         if "train_step" in vars(self.model):
             del self.model.train_step
-        self.model.train_function = None
+        # `fit` reads `model.train_function` at every step: rebuild it now (it
+        # traces lazily), so uninstalling mid-fit switches to plain training.
+        self.model.make_train_function(force=True)
