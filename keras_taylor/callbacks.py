@@ -11,7 +11,6 @@ the model is down to its target. Pruned gates stay 0: nothing revives them.
 from __future__ import annotations
 
 import logging
-import math
 
 import keras
 import numpy as np
@@ -124,6 +123,13 @@ class TaylorPruning(keras.callbacks.Callback):
     # ---- setup -----------------------------------------------------------------
     def _setup(self) -> None:
         model = self.model
+        if keras.backend.backend() != "tensorflow":
+            raise ValueError(
+                "Expected the TensorFlow Keras backend: the scoring train step "
+                "is implemented for TensorFlow only (keras_taylor/scoring.py). "
+                f"Received: backend={keras.backend.backend()!r}; set "
+                "KERAS_BACKEND=tensorflow."
+            )
         if not is_gated(model):
             raise ValueError(
                 "Expected a gated model (from `keras_taylor.add_gates(model)`). "

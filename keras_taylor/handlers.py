@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import keras
 import numpy as np
@@ -149,11 +148,23 @@ def _fix_if_activation_lifts_zero(layer, ids, ctx, activation) -> None:
         )
 
 
-class ConvHandler(LayerHandler):
-    """Conv1D/Conv2D/Conv3D with `groups=1`: filters are channels."""
+class _ProducerHandler(LayerHandler):
+    """Layers whose kernel's last axis makes new channels, with an optional bias."""
 
     creates_channels = True
     needs_gate = True
+
+    def propagate(self, layer, in_maps, in_shapes, out_shapes, ctx):
+        out = ctx.new_ids(out_shapes[0][-1])
+        _fix_if_activation_lifts_zero(layer, out, ctx, layer.activation)
+        return [out]
+
+    def gate_variables(self, layer):
+        return [v for v in (layer.kernel, getattr(layer, "bias", None)) if v is not None]
+
+
+class ConvHandler(_ProducerHandler):
+    """Conv1D/Conv2D/Conv3D with `groups=1`: filters are channels."""
 
     def propagate(self, layer, in_maps, in_shapes, out_shapes, ctx):
         _require_channels_last(layer)
@@ -163,12 +174,7 @@ class ConvHandler(LayerHandler):
                 f"{layer.name!r} ({type(layer).__name__}) with "
                 f"groups={layer.groups}."
             )
-        out = ctx.new_ids(out_shapes[0][-1])
-        _fix_if_activation_lifts_zero(layer, out, ctx, layer.activation)
-        return [out]
-
-    def gate_variables(self, layer):
-        return [v for v in (layer.kernel, getattr(layer, "bias", None)) if v is not None]
+        return super().propagate(layer, in_maps, in_shapes, out_shapes, ctx)
 
     def slice(self, layer, config, weights, kept_in, kept_out):
         config = dict(config)
@@ -185,19 +191,8 @@ class ConvHandler(LayerHandler):
         return Cost(a=math.prod(layer.kernel_size), b=1.0 if layer.use_bias else 0.0)
 
 
-class DenseHandler(LayerHandler):
+class DenseHandler(_ProducerHandler):
     """Dense on the last axis: units are channels."""
-
-    creates_channels = True
-    needs_gate = True
-
-    def propagate(self, layer, in_maps, in_shapes, out_shapes, ctx):
-        out = ctx.new_ids(out_shapes[0][-1])
-        _fix_if_activation_lifts_zero(layer, out, ctx, layer.activation)
-        return [out]
-
-    def gate_variables(self, layer):
-        return [v for v in (layer.kernel, getattr(layer, "bias", None)) if v is not None]
 
     def slice(self, layer, config, weights, kept_in, kept_out):
         config = dict(config)

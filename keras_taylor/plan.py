@@ -12,7 +12,6 @@ import json
 from dataclasses import dataclass, field
 
 import keras
-import numpy as np
 
 from keras_taylor import graph as graph_lib
 

@@ -48,6 +48,9 @@ class TaylorScorer:
         seg = np.concatenate([graph.groups_of_layer_output(l.name) for l in self.gates])
         seg[seg < 0] = self.num_groups  # fixed channels go to a dropped segment
         self._segment_ids = seg.astype("int32")
+        self._scoring_function = None
+        self._own_function = None
+        self._cache_key = None
         with model.distribute_strategy.scope():
             kw = dict(trainable=False, dtype="float32", autocast=False, aggregation="only_first_replica")
             self.score_sum = keras.Variable(np.zeros(self.num_groups, "float32"), name="taylor_score_sum", **kw)
@@ -115,14 +118,37 @@ class TaylorScorer:
         self.steps.assign(0.0)
 
     def install(self) -> None:
-        """Makes `model.fit` run the scoring train step (rebuilds the train function)."""
-        self.model.train_step = self.train_step
-        self.model.make_train_function(force=True)
+        """Makes `model.fit` run the scoring train step.
+
+        The compiled function is built once and reused by later `fit` calls
+        (no retrace) until the model is recompiled or its optimizer,
+        `steps_per_execution` or `jit_compile` change.
+        """
+        model = self.model
+        current = model.train_function
+        key = (id(model.optimizer), model.steps_per_execution, model.jit_compile)
+        recompiled = current is not None and current not in (self._own_function, self._scoring_function)
+        if key != self._cache_key or recompiled or self._scoring_function is None:
+            if current is None or current is self._scoring_function:
+                model.make_train_function(force=True)
+                current = model.train_function
+            self._own_function = current
+            model.train_step = self.train_step
+            try:
+                model.make_train_function(force=True)
+                self._scoring_function = model.train_function
+            finally:
+                del model.train_step
+            self._cache_key = key
+        model.train_function = self._scoring_function
 
     def uninstall(self) -> None:
-        """Restores the model's own train step."""
-        if "train_step" in vars(self.model):
-            del self.model.train_step
-        # `fit` reads `model.train_function` at every step: rebuild it now (it
-        # traces lazily), so uninstalling mid-fit switches to plain training.
-        self.model.make_train_function(force=True)
+        """Restores the model's own train function.
+
+        `fit` reads `model.train_function` at every step, so uninstalling in a
+        callback mid-fit switches the rest of the run to plain training.
+        """
+        if self._own_function is None:
+            self.model.make_train_function(force=True)
+        else:
+            self.model.train_function = self._own_function

@@ -123,8 +123,9 @@ def test_iterative_pruning_reaches_target_and_pruned_stay_zero(caplog):
     # State is plain data.
     state = json.loads(json.dumps(pruner.state()))
     assert state["done"] and len(state["removed_groups"]) == len(pruner.removed)
-    # After pruning finished, fit runs the model's own train step again.
+    # After pruning finished, fit runs the model's own train function again.
     assert "train_step" not in vars(gated)
+    assert gated.train_function is not pruner._scorer._scoring_function
 
 
 def test_ema_and_global_ranking():

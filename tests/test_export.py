@@ -99,8 +99,25 @@ _RELOAD_SCRIPT = textwrap.dedent(
     """
 )
 
+def _pruned_resnet() -> keras.Model:
+    """A ResNet with ~30% of its channel groups pruned by surgery."""
+    import keras_taylor as kt
+    from keras_taylor import models
+
+    model = models.resnet(input_shape=(16, 16, 3), num_classes=4, widths=(4, 8), blocks_per_stage=1)
+    _randomize_batchnorm(model)
+    gated = kt.add_gates(model)
+    graph = kt.analyze(gated)
+    rng = np.random.default_rng(1)
+    removed = rng.choice(graph.num_groups, size=graph.num_groups * 3 // 10, replace=False)
+    pruned = kt.apply_plan(gated, kt.PruningPlan.from_groups(graph, removed))
+    assert kt.profile(pruned).flops < kt.profile(model).flops
+    return pruned
+
+
 # key -> (model builder, export kwargs, expected input name, expected output name)
 _CASES = {
+    "pruned_resnet": (_pruned_resnet, {}, "image", "output"),
     "functional": (_functional_cnn, {}, "input_layer", "output"),
     "sequential": (
         _sequential_cnn,

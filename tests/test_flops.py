@@ -4,7 +4,6 @@ import pytest
 from keras import layers
 
 import keras_taylor as kt
-from conftest import make
 
 
 def hand_model():

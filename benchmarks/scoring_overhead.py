@@ -1,0 +1,113 @@
+"""Scoring overhead: fit step time with the TaylorPruning callback ÷ without.
+
+Three variants of the same ResNet train side by side in one process:
+  original  the user's model, plain `fit`;
+  gated     `add_gates(model)`, plain `fit` (cost of the gates alone);
+  scoring   `add_gates(model)` + `TaylorPruning` (scores accumulate in the
+            train step; `prune_every` is set past the run, so no channel is
+            removed and all three do the same arithmetic).
+Rounds run the variants in a fresh random order; a round's step time is the
+median over its minibatches (first two dropped). Reported: per-variant median
+step time and the median [min–max] of per-round ratios.
+
+    python benchmarks/scoring_overhead.py                 # ResNet-14, 28×28, batch 128
+    python benchmarks/scoring_overhead.py --jit_compile
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags  # noqa: E402
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import keras_taylor as kt  # noqa: E402
+from keras_taylor import models  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("rounds", 30, "Interleaved rounds.")
+flags.DEFINE_integer("steps", 10, "Minibatches per variant per round.")
+flags.DEFINE_integer("batch_size", 128, "Batch size.")
+flags.DEFINE_integer("blocks", 2, "Residual blocks per stage (2: ResNet-14).")
+flags.DEFINE_bool("jit_compile", False, "Compile the train step with XLA.")
+flags.DEFINE_string("output", None, "JSON output path (default benchmarks/results/scoring_overhead[_jit].json).")
+
+
+class StepTimer(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.times = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._t = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.times.append(time.perf_counter() - self._t)
+
+
+def compile_model(model):
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=FLAGS.jit_compile,
+    )
+    return model
+
+
+def main(argv):
+    del argv
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    n = FLAGS.steps * FLAGS.batch_size
+    x = rng.uniform(0, 1, (n, 28, 28, 1)).astype("float32")
+    y = rng.integers(0, 10, n).astype("int32")
+    base = models.resnet(widths=(16, 32, 64), blocks_per_stage=FLAGS.blocks)
+    variants = {
+        "original": (compile_model(base), []),
+        "gated": (compile_model(kt.add_gates(base)), []),
+    }
+    scored = compile_model(kt.add_gates(base))
+    pruner = kt.TaylorPruning(target=0.5, prune_every=10**9)
+    variants["scoring"] = (scored, [pruner])
+    for model, cbs in variants.values():  # warm-up: trace and compile
+        model.fit(x, y, batch_size=FLAGS.batch_size, epochs=1, steps_per_epoch=5, verbose=0, callbacks=cbs)
+    per_round = {k: [] for k in variants}
+    for _ in range(FLAGS.rounds):
+        for name in rng.permutation(list(variants)).tolist():
+            model, cbs = variants[name]
+            timer = StepTimer()
+            model.fit(x, y, batch_size=FLAGS.batch_size, epochs=1, verbose=0, shuffle=False, callbacks=cbs + [timer])
+            per_round[name].append(float(np.median(timer.times[2:])))
+    assert float(pruner._scorer.steps.numpy()) > 0, "the scoring step did not run"
+    t = {k: np.array(v) for k, v in per_round.items()}
+    result = {
+        "command": "python benchmarks/scoring_overhead.py" + (" --jit_compile" if FLAGS.jit_compile else ""),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
+        "model": f"ResNet-{2 + 6 * FLAGS.blocks} (widths 16/32/64), 28x28x1, batch {FLAGS.batch_size}",
+        "jit_compile": FLAGS.jit_compile,
+        "rounds": FLAGS.rounds,
+        "steps_per_round": FLAGS.steps,
+        "median_step_ms": {k: float(np.median(v) * 1e3) for k, v in t.items()},
+    }
+    for num, den in (("scoring", "gated"), ("scoring", "original"), ("gated", "original")):
+        r = t[num] / t[den]
+        result[f"{num}/{den}"] = {"median": float(np.median(r)), "min": float(r.min()), "max": float(r.max())}
+    out = FLAGS.output or os.path.join(
+        os.path.dirname(__file__), "results", "scoring_overhead" + ("_jit" if FLAGS.jit_compile else "") + ".json"
+    )
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    app.run(main)

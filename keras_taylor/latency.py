@@ -1,0 +1,90 @@
+"""CPU/GPU inference latency, measured the way noisy shared machines need.
+
+Models are timed in interleaved rounds (A, B, A, B, ... in a shuffled order
+per round) so that drifts in machine load hit every model alike; the result
+holds each model's median and the median, min and max of per-round ratios.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Mapping
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+def _compiled_forward(model: keras.Model):
+    return tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+
+
+def measure_latency(
+    models: Mapping[str, keras.Model],
+    batch_size: int = 1,
+    rounds: int = 15,
+    calls_per_round: int = 20,
+    warmup: int = 5,
+    reference: str | None = None,
+    seed: int = 0,
+) -> dict:
+    """Measures inference latency of several models, interleaved.
+
+    Each model runs as a `tf.function` (graph mode) on the same random batch.
+    In every round the models run in a fresh random order, `calls_per_round`
+    calls each; a round's time per call is the mean over its calls.
+
+    Args:
+        models: `{name: model}`; all take the same input shape.
+        batch_size: batch size. Defaults to `1`.
+        rounds: number of interleaved rounds. Defaults to `15`.
+        calls_per_round: calls per model per round. Defaults to `20`.
+        warmup: untimed calls per model before timing. Defaults to `5`.
+        reference: the model that ratios are taken against. Defaults to the
+            first model.
+        seed: seed for the input batch and round orders. Defaults to `0`.
+
+    Returns:
+        `{name: {"median_ms", "min_ms", "max_ms", "ratio_median", "ratio_min",
+        "ratio_max"}}`, ratios being this model's time ÷ the reference's in
+        the same round.
+
+    Raises:
+        ValueError: if `models` is empty or `reference` is not one of them.
+    """
+    if not models:
+        raise ValueError("Expected at least one model. Received: models={}")
+    names = list(models)
+    reference = reference or names[0]
+    if reference not in models:
+        raise ValueError(f"Expected reference in {names}. Received: reference={reference!r}")
+    rng = np.random.default_rng(seed)
+    shape = tuple(models[names[0]].inputs[0].shape[1:])
+    x = tf.constant(rng.uniform(0, 1, (batch_size, *shape)).astype("float32"))
+    fns = {n: _compiled_forward(m) for n, m in models.items()}
+    for n in names:
+        for _ in range(warmup):
+            fns[n](x).numpy()
+    times = {n: [] for n in names}
+    for _ in range(rounds):
+        for n in rng.permutation(names).tolist():
+            fn = fns[n]
+            start = time.perf_counter()
+            for _ in range(calls_per_round):
+                out = fn(x)
+            out.numpy()
+            times[n].append((time.perf_counter() - start) / calls_per_round * 1e3)
+    result = {}
+    ref = np.array(times[reference])
+    for n in names:
+        t = np.array(times[n])
+        ratios = t / ref
+        result[n] = {
+            "median_ms": float(np.median(t)),
+            "min_ms": float(t.min()),
+            "max_ms": float(t.max()),
+            "ratio_median": float(np.median(ratios)),
+            "ratio_min": float(ratios.min()),
+            "ratio_max": float(ratios.max()),
+        }
+    return result
