@@ -144,12 +144,11 @@ class TaylorPruning(keras.callbacks.Callback):
         self._cost = CostModel(graph)
         self._scorer = TaylorScorer(model, graph, self.criterion)
         self._model_id = id(model)
-        self._creating = self._creating_channels(graph)
+        self._creating = list(graph.creating_layers().items())
         self._base = self._measure(np.ones(len(graph.comp_of), dtype=bool))
         self.removed = sorted(removed_groups_from_gates(model, graph))
         self.ema = np.zeros(graph.num_groups)
         self._ema_started = np.zeros(graph.num_groups, dtype=bool)
-        self._members = graph.group_members()
         self._layer_of_group = self._group_layer_counts(graph)
         n = self.channels_per_step
         if n is None:
@@ -158,28 +157,14 @@ class TaylorPruning(keras.callbacks.Callback):
         self.done = self._fraction(graph.alive_ids(self.removed)) <= self.target
 
     @staticmethod
-    def _creating_channels(graph) -> list:
-        """Channel maps of every Conv/Dense output, for the channels metric and min_channels."""
-        seen, maps = set(), []
-        for node in graph.nodes:
-            if node.handler is not None and node.handler.creates_channels and node.name not in seen:
-                seen.add(node.name)
-                maps.append((node.name, node.out_maps[0]))
-        return maps
-
-    @staticmethod
     def _group_layer_counts(graph) -> list:
         """For each group, `[(layer, channels it holds in that layer's output)]`."""
         per_group: list = [[] for _ in range(graph.num_groups)]
-        seen = set()
-        for node in graph.nodes:
-            if node.handler is None or not node.handler.creates_channels or node.name in seen:
-                continue
-            seen.add(node.name)
-            groups = graph.group_of_comp[graph.comp_of[node.out_maps[0]]]
+        for name, out_map in graph.creating_layers().items():
+            groups = graph.group_of_comp[graph.comp_of[out_map]]
             uniq, counts = np.unique(groups[groups >= 0], return_counts=True)
             for g, c in zip(uniq.tolist(), counts.tolist()):
-                per_group[g].append((node.name, c))
+                per_group[g].append((name, c))
         return per_group
 
     def _measure(self, alive) -> dict:
@@ -188,13 +173,8 @@ class TaylorPruning(keras.callbacks.Callback):
         return {"flops": flops, "params": params, "channels": channels}
 
     def _fraction(self, alive) -> float:
-        if self.metric == "channels":
-            now = sum(int(np.count_nonzero(alive[m])) for _, m in self._creating)
-        else:
-            flops, params = self._cost.evaluate(alive)
-            now = flops if self.metric == "flops" else params
         base = self._base[self.metric]
-        return now / base if base else 1.0
+        return self._measure(alive)[self.metric] / base if base else 1.0
 
     # ---- Keras hooks -------------------------------------------------------------
     def on_train_begin(self, logs=None):
@@ -243,10 +223,8 @@ class TaylorPruning(keras.callbacks.Callback):
         self._ema_started[:] = True
 
         removed = set(self.removed)
-        counts = {}
         alive = graph.alive_ids(removed)
-        for name, m in self._creating:
-            counts[name] = int(np.count_nonzero(alive[m]))
+        counts = graph.layer_channel_counts(removed)
         order = np.argsort(self.ema, kind="stable")
         taken = []
         for g in order.tolist():

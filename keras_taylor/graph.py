@@ -143,14 +143,18 @@ class ChannelGraph:
                     members[g].append((name, ch))
         return members
 
-    def layer_channel_counts(self, removed_groups=()) -> dict:
-        """Live output channels of every channel-creating layer."""
-        alive = self.alive_ids(removed_groups)
+    def creating_layers(self) -> dict:
+        """`{name: output channel map}` of every layer that makes channels (Conv, Dense)."""
         out = {}
         for n in self.nodes:
             if n.handler is not None and n.handler.creates_channels and n.name not in out:
-                out[n.name] = int(alive[n.out_maps[0]].sum())
+                out[n.name] = n.out_maps[0]
         return out
+
+    def layer_channel_counts(self, removed_groups=()) -> dict:
+        """Live output channels of every channel-creating layer."""
+        alive = self.alive_ids(removed_groups)
+        return {name: int(np.count_nonzero(alive[m])) for name, m in self.creating_layers().items()}
 
 
 def analyze(model: keras.Model, on_unknown: str = "error") -> ChannelGraph:

@@ -196,3 +196,19 @@ def test_params_and_channels_targets():
         gated.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[pruner])
         assert pruner.done
         assert pruner.history[-1][f"{metric}_fraction"] <= 0.7
+
+
+def test_scoring_function_is_reused_across_fits_and_rebuilt_on_recompile():
+    gated = kt.add_gates(make("plain"))
+    gated.compile(optimizer="sgd", loss=LOSS)
+    pruner = kt.TaylorPruning(target=0.5, prune_every=10_000)
+    x, y = data(16)
+    gated.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[pruner])
+    first = pruner._scorer._scoring_function
+    gated.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[pruner])
+    assert pruner._scorer._scoring_function is first
+    assert float(pruner._scorer.steps.numpy()) == 4
+    gated.compile(optimizer="adam", loss=LOSS)
+    gated.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[pruner])
+    assert pruner._scorer._scoring_function is not first
+    assert float(pruner._scorer.steps.numpy()) == 6

@@ -25,7 +25,7 @@ BATCH_SIZES = (1, 5)
 
 
 def _functional_cnn() -> keras.Model:
-    inputs = keras.Input((16, 16, 1))
+    inputs = keras.Input((16, 16, 1), name="pixels_in")  # auto names (input_layer_N) vary
     x = keras.layers.Conv2D(4, 3)(inputs)
     x = keras.layers.BatchNormalization()(x)
     x = keras.layers.ReLU()(x)
@@ -118,7 +118,7 @@ def _pruned_resnet() -> keras.Model:
 # key -> (model builder, export kwargs, expected input name, expected output name)
 _CASES = {
     "pruned_resnet": (_pruned_resnet, {}, "image", "output"),
-    "functional": (_functional_cnn, {}, "input_layer", "output"),
+    "functional": (_functional_cnn, {}, "pixels_in", "output"),
     "sequential": (
         _sequential_cnn,
         {"input_name": "pixels", "output_name": "logits"},
