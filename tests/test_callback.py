@@ -212,3 +212,16 @@ def test_scoring_function_is_reused_across_fits_and_rebuilt_on_recompile():
     gated.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[pruner])
     assert pruner._scorer._scoring_function is not first
     assert float(pruner._scorer.steps.numpy()) == 6
+
+
+def test_loss_scaling_is_undone():
+    """With a LossScaleOptimizer the scores equal those of the unscaled loss."""
+    x, y = data(16)
+    scores = []
+    for opt in (keras.optimizers.SGD(0.0), keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.0), initial_scale=1024.0)):
+        gated = kt.add_gates(make("residual"))
+        gated.compile(optimizer=opt, loss=LOSS)
+        pruner = kt.TaylorPruning(target=0.5, prune_every=10_000)
+        gated.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[pruner])
+        scores.append(pruner._scorer.read()[0])
+    assert rel_err(scores[1], scores[0]) <= 1e-5
