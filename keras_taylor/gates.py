@@ -56,7 +56,7 @@ class ChannelGate(keras.layers.Wrapper):
     def __init__(self, layer, mode: str | None = None, **kwargs):
         super().__init__(layer, **kwargs)
         handler = graph_lib.get_handler(layer)
-        if handler is None or not handler.needs_gate:
+        if handler is None or not handler.gate_needed(layer):
             raise ValueError(
                 "Expected a layer that makes or shifts channels (Conv, Dense, "
                 f"BatchNormalization). Received: layer={layer.name!r} of class "
@@ -103,7 +103,10 @@ class ChannelGate(keras.layers.Wrapper):
             y = self._call_inner(inputs, training, mask)
             return y * ops.cast(self.gate, y.dtype)
         gated = self._handler.gate_variables(self.layer)
-        mapping = [(v, v.value * ops.cast(self.gate, v.dtype)) for v in gated]
+        mapping = [
+            (v, self._handler.gate_scale(self.layer, v, v.value, ops.cast(self.gate, v.dtype)))
+            for v in gated
+        ]
         with keras.StatelessScope(state_mapping=mapping) as scope:
             y = self._call_inner(inputs, training, mask)
         # State updates made inside the scope (BN moving statistics) are
@@ -254,7 +257,9 @@ def _strip(model: keras.Model, check_output_gates: bool) -> keras.Model:
                 "gated channels instead."
             )
         weights = [
-            keras.ops.convert_to_numpy(v.value) * (gate if id(v) in scaled else 1.0)
+            keras.ops.convert_to_numpy(
+                wrapper._handler.gate_scale(inner, v, v.value, gate.astype(v.dtype)) if id(v) in scaled else v.value
+            )
             for v in inner.weights
         ]
         new.set_weights([w.astype(v.dtype) for w, v in zip(weights, inner.weights)])

@@ -294,7 +294,7 @@ def _gate_sites(graph: ChannelGraph, consumers: dict, outputs) -> list:
     sites = []
     for name, calls in by_name.items():
         node = calls[0]
-        if node.handler is None or not node.handler.needs_gate:
+        if node.handler is None or not node.handler.gate_needed(node.inner):
             continue
         groups = graph.group_of_comp[graph.comp_of[node.out_maps[0]]]
         if not (groups >= 0).any():

@@ -101,12 +101,24 @@ class LayerHandler:
         """Returns the channel maps of the outputs, given those of the inputs."""
         return [in_maps[0]]
 
+    def gate_needed(self, layer) -> bool:
+        """Whether `layer` can turn zero input channels into non-zero output channels."""
+        return self.needs_gate
+
     def gate_variables(self, layer) -> list:
-        """Variables whose last axis a gate may scale to gate the output channels.
+        """Variables a gate scales (see `gate_scale`) to gate the output channels.
 
         An empty list means the gate must multiply the layer's output instead.
         """
         return []
+
+    def gate_scale(self, layer, variable, value, gate):
+        """Returns `value` (of `variable`) scaled by the output-channel `gate`.
+
+        The default scales the last axis, the output-channel axis of Conv and
+        Dense kernels, biases and BN parameters.
+        """
+        return value * gate
 
     def slice(self, layer, config: dict, weights: list, kept_in: list, kept_out: list):
         """Returns `(config, weights)` keeping only the given channel indices.
@@ -206,6 +218,100 @@ class DenseHandler(_ProducerHandler):
 
     def params(self, layer, in_shapes, out_shapes):
         return Cost(a=1.0, b=1.0 if layer.use_bias else 0.0)
+
+
+class DepthwiseConvHandler(LayerHandler):
+    """DepthwiseConv1D/2D: output channel `c*dm + k` comes from input channel `c`.
+
+    Input channel `c` and its `depth_multiplier` outputs are one channel
+    group; the layer's config keeps its `depth_multiplier`.
+    """
+
+    def gate_needed(self, layer) -> bool:
+        return bool(layer.use_bias)
+
+    def propagate(self, layer, in_maps, in_shapes, out_shapes, ctx):
+        _require_channels_last(layer)
+        out = np.repeat(in_maps[0], layer.depth_multiplier)
+        _fix_if_activation_lifts_zero(layer, out, ctx, layer.activation)
+        return [out]
+
+    def gate_variables(self, layer):
+        return [v for v in (layer.kernel, getattr(layer, "bias", None)) if v is not None]
+
+    def gate_scale(self, layer, variable, value, gate):
+        if variable is layer.kernel:  # (..., in, dm): output c*dm+k is [..., c, k]
+            return value * keras.ops.reshape(gate, tuple(variable.shape[-2:]))
+        return value * gate
+
+    def slice(self, layer, config, weights, kept_in, kept_out):
+        dm = layer.depth_multiplier
+        kernel = weights[0][..., kept_in[0], :]
+        rest = [w.reshape(-1, dm)[kept_in[0]].reshape(-1) for w in weights[1:]]
+        return config, [kernel, *rest]
+
+    def macs(self, layer, in_shapes, out_shapes):
+        return Cost(b=math.prod(out_shapes[0][1:-1]) * math.prod(layer.kernel_size))
+
+    def params(self, layer, in_shapes, out_shapes):
+        return Cost(b=math.prod(layer.kernel_size) + (1.0 if layer.use_bias else 0.0))
+
+
+class SeparableConvHandler(_ProducerHandler):
+    """SeparableConv1D/2D: a depthwise conv (multiplier dm) then a 1×1 pointwise conv."""
+
+    def propagate(self, layer, in_maps, in_shapes, out_shapes, ctx):
+        _require_channels_last(layer)
+        return super().propagate(layer, in_maps, in_shapes, out_shapes, ctx)
+
+    def gate_variables(self, layer):
+        return [v for v in (layer.pointwise_kernel, getattr(layer, "bias", None)) if v is not None]
+
+    def slice(self, layer, config, weights, kept_in, kept_out):
+        dm = layer.depth_multiplier
+        config = dict(config)
+        config["filters"] = int(len(kept_out[0]))
+        rows = (kept_in[0][:, None] * dm + np.arange(dm)[None, :]).reshape(-1)
+        depthwise = weights[0][..., kept_in[0], :]
+        pointwise = weights[1][..., rows, :][..., kept_out[0]]
+        rest = [w[kept_out[0]] for w in weights[2:]]
+        return config, [depthwise, pointwise, *rest]
+
+    def macs(self, layer, in_shapes, out_shapes):
+        spatial = math.prod(out_shapes[0][1:-1])
+        dm = layer.depth_multiplier
+        return Cost(a=spatial * dm, c=spatial * dm * math.prod(layer.kernel_size))
+
+    def params(self, layer, in_shapes, out_shapes):
+        dm = layer.depth_multiplier
+        return Cost(a=dm, c=dm * math.prod(layer.kernel_size), b=1.0 if layer.use_bias else 0.0)
+
+
+class ConvTransposeHandler(_ProducerHandler):
+    """Conv1D/2D/3DTranspose: kernel `(..., out, in)`."""
+
+    def propagate(self, layer, in_maps, in_shapes, out_shapes, ctx):
+        _require_channels_last(layer)
+        return super().propagate(layer, in_maps, in_shapes, out_shapes, ctx)
+
+    def gate_scale(self, layer, variable, value, gate):
+        if variable is layer.kernel:
+            return value * keras.ops.reshape(gate, (-1, 1))
+        return value * gate
+
+    def slice(self, layer, config, weights, kept_in, kept_out):
+        config = dict(config)
+        config["filters"] = int(len(kept_out[0]))
+        kernel = weights[0][..., kept_out[0], :][..., kept_in[0]]
+        rest = [w[kept_out[0]] for w in weights[1:]]
+        return config, [kernel, *rest]
+
+    def macs(self, layer, in_shapes, out_shapes):
+        # Every input position scatters a full kernel.
+        return Cost(a=math.prod(in_shapes[0][1:-1]) * math.prod(layer.kernel_size))
+
+    def params(self, layer, in_shapes, out_shapes):
+        return Cost(a=math.prod(layer.kernel_size), b=1.0 if layer.use_bias else 0.0)
 
 
 class BatchNormHandler(LayerHandler):
@@ -386,4 +492,10 @@ register_handler(L.BatchNormalization, BatchNormHandler())
 register_handler(L.Dense, DenseHandler())
 for _cls in _PLAIN_CONVS:
     register_handler(_cls, ConvHandler())
+for _cls in (L.DepthwiseConv1D, L.DepthwiseConv2D):
+    register_handler(_cls, DepthwiseConvHandler())
+for _cls in (L.SeparableConv1D, L.SeparableConv2D):
+    register_handler(_cls, SeparableConvHandler())
+for _cls in (L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose):
+    register_handler(_cls, ConvTransposeHandler())
 del _cls

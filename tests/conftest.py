@@ -72,7 +72,46 @@ def concat_net():
     return keras.Model(inputs, outputs, name="concat")
 
 
-FACTORIES = {"plain": plain_cnn, "residual": residual, "vgg_sequential": vgg_sequential, "concat": concat_net}
+def depthwise_net():
+    """MobileNet-style: conv-BN-ReLU, depthwise (multiplier 2, biased) -BN-ReLU, residual."""
+    inputs = keras.Input((16, 16, 3))
+    x = layers.Conv2D(4, 3, padding="same", use_bias=False, name="stem")(inputs)
+    x = layers.BatchNormalization(name="stem_bn")(x)
+    x = layers.ReLU(6.0, name="stem_relu")(x)
+    y = layers.DepthwiseConv2D(3, padding="same", depth_multiplier=2, name="dw")(x)
+    y = layers.BatchNormalization(name="dw_bn")(y)
+    y = layers.ReLU(name="dw_relu")(y)
+    y = layers.Conv2D(4, 1, name="pw")(y)
+    x = layers.Add(name="add")([x, y])
+    x = layers.DepthwiseConv2D(3, strides=2, padding="same", name="dw_biased")(x)
+    x = layers.ReLU(name="relu2")(x)
+    x = layers.SeparableConv2D(6, 3, padding="same", depth_multiplier=2, activation="relu", name="sep")(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, layers.Dense(3, name="out")(x), name="depthwise")
+
+
+def transpose_net():
+    """Encoder-decoder with a transposed conv."""
+    inputs = keras.Input((16, 16, 3))
+    x = layers.Conv2D(6, 3, strides=2, padding="same", name="enc")(inputs)
+    x = layers.BatchNormalization(name="enc_bn")(x)
+    x = layers.ReLU()(x)
+    x = layers.Conv2DTranspose(5, 3, strides=2, padding="same", name="dec")(x)
+    x = layers.ReLU()(x)
+    x = layers.Conv2D(4, 3, padding="same", name="head")(x)
+    x = layers.ReLU()(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, layers.Dense(2, name="out")(x), name="transpose")
+
+
+FACTORIES = {
+    "plain": plain_cnn,
+    "residual": residual,
+    "vgg_sequential": vgg_sequential,
+    "concat": concat_net,
+    "depthwise": depthwise_net,
+    "transpose": transpose_net,
+}
 
 
 @pytest.fixture(params=sorted(FACTORIES))

@@ -61,3 +61,19 @@ def test_resnet50_matches_he_et_al():
     # conv, as keras.applications builds it; torchvision's v1.5 is 4.1e9).
     assert 3.80e9 < p.flops < 3.90e9, p.flops
     assert p.params == model.count_params()
+
+
+def test_hand_counts_depthwise_separable_transposed():
+    inputs = keras.Input((8, 8, 3))
+    x = layers.DepthwiseConv2D(3, depth_multiplier=2, padding="same", name="dw")(inputs)  # 8x8x6
+    x = layers.SeparableConv2D(4, 3, strides=2, padding="same", depth_multiplier=2, name="sep")(x)  # 4x4x4
+    x = layers.Conv2DTranspose(5, 3, strides=2, padding="same", name="tr")(x)  # 8x8x5
+    model = keras.Model(inputs, layers.GlobalAveragePooling2D()(x))
+    p = kt.profile(model).by_name()
+    assert p["dw"].flops == 8 * 8 * 9 * 6 and p["dw"].params == 9 * 6 + 6
+    # depthwise 6 -> 12 channels at the output resolution, then 12 -> 4 pointwise.
+    assert p["sep"].flops == 4 * 4 * 9 * 12 + 4 * 4 * 12 * 4
+    assert p["sep"].params == 9 * 12 + 12 * 4 + 4
+    # each of the 4x4 input positions scatters a 3x3x4x5 kernel.
+    assert p["tr"].flops == 4 * 4 * 9 * 4 * 5 and p["tr"].params == 9 * 4 * 5 + 5
+    assert kt.profile(model).params == model.count_params()
