@@ -405,6 +405,64 @@ class FlattenHandler(LayerHandler):
         return [np.tile(in_maps[0], positions)]
 
 
+class FixingHandler(LayerHandler):
+    """Channel-wise layers whose output for a removed (zero) channel would not be
+    zero, or whose channels are coupled, so their channels are kept.
+
+    Normalization (subtracts a mean), Rescaling with an offset,
+    LayerNormalization/GroupNormalization/UnitNormalization over channels (a
+    removed channel changes the statistics of the others).
+    """
+
+    def propagate(self, layer, in_maps, in_shapes, out_shapes, ctx):
+        if isinstance(layer, keras.layers.Rescaling) and not np.any(np.asarray(layer.offset)):
+            return [in_maps[0]]
+        ctx.fix(in_maps[0], f"{layer.name!r} ({type(layer).__name__}) mixes or shifts channels")
+        return [in_maps[0]]
+
+    def params(self, layer, in_shapes, out_shapes):
+        return Cost(d=float(layer.count_params()))
+
+
+class ReshapeHandler(LayerHandler):
+    """Reshape/Permute that keep the channel axis last and whole: positions move, channels do not."""
+
+    def propagate(self, layer, in_maps, in_shapes, out_shapes, ctx):
+        keeps = in_shapes[0][-1] == out_shapes[0][-1]
+        if isinstance(layer, keras.layers.Permute):
+            keeps = keeps and tuple(layer.dims)[-1] == len(in_shapes[0]) - 1
+        if not keeps:
+            raise ValueError(
+                f"Expected {type(layer).__name__} to keep the channel axis last and whole. "
+                f"Received: layer {layer.name!r} mapping {in_shapes[0]} to {out_shapes[0]}."
+            )
+        return [in_maps[0]]
+
+    def slice(self, layer, config, weights, kept_in, kept_out):
+        if "target_shape" in config and config["target_shape"][-1] != -1:
+            config = dict(config)
+            config["target_shape"] = (*config["target_shape"][:-1], int(len(kept_out[0])))
+        return config, weights
+
+
+class PReLUHandler(LayerHandler):
+    """PReLU: element-wise, zero-preserving, with a per-channel `alpha`."""
+
+    def propagate(self, layer, in_maps, in_shapes, out_shapes, ctx):
+        if layer.alpha.shape[-1] not in (1, in_shapes[0][-1]):
+            raise ValueError(f"Expected PReLU alpha per channel or shared. Received: layer {layer.name!r}.")
+        return [in_maps[0]]
+
+    def slice(self, layer, config, weights, kept_in, kept_out):
+        if weights[0].shape[-1] == 1:
+            return config, weights
+        return config, [weights[0][..., kept_out[0]]]
+
+    def params(self, layer, in_shapes, out_shapes):
+        per = math.prod(layer.alpha.shape[:-1])
+        return Cost(b=float(per)) if layer.alpha.shape[-1] != 1 else Cost(d=float(layer.count_params()))
+
+
 # --------------------------------------------------------------------------
 # Registry.
 # --------------------------------------------------------------------------
@@ -478,9 +536,14 @@ for _cls in (
     L.ZeroPadding1D, L.ZeroPadding2D, L.ZeroPadding3D,
     L.Cropping1D, L.Cropping2D, L.Cropping3D,
     L.UpSampling1D, L.UpSampling2D, L.UpSampling3D,
-    L.Identity,
+    L.Identity, L.Resizing,
 ):
     register_handler(_cls, PassThroughHandler())
+for _cls in (L.Normalization, L.Rescaling, L.LayerNormalization, L.GroupNormalization, L.UnitNormalization):
+    register_handler(_cls, FixingHandler())
+for _cls in (L.Reshape, L.Permute):
+    register_handler(_cls, ReshapeHandler())
+register_handler(L.PReLU, PReLUHandler())
 for _cls in (L.Activation, L.ReLU, L.LeakyReLU, L.ELU):
     register_handler(_cls, ActivationHandler())
 register_handler(L.Softmax, SoftmaxHandler())

@@ -104,7 +104,27 @@ def transpose_net():
     return keras.Model(inputs, layers.Dense(2, name="out")(x), name="transpose")
 
 
+def preprocessing_net():
+    """Rescaling/Normalization on the input, PReLU, Reshape round trip, LayerNorm (channel-fixing)."""
+    inputs = keras.Input((16, 16, 3))
+    x = layers.Rescaling(1 / 255.0)(inputs)
+    x = layers.Normalization(mean=[0.1, 0.2, 0.3], variance=[1.0, 2.0, 3.0])(x)
+    x = layers.Conv2D(6, 3, padding="same", name="c1")(x)
+    x = layers.PReLU(shared_axes=[1, 2], name="pr1")(x)
+    x = layers.Reshape((256, 6), name="to_seq")(x)
+    x = layers.Conv1D(7, 3, padding="same", name="c1d")(x)
+    x = layers.ReLU()(x)
+    x = layers.Reshape((16, 16, 7), name="to_img")(x)
+    y = layers.Conv2D(5, 3, padding="same", name="c2")(x)
+    y = layers.LayerNormalization(name="ln")(y)
+    x = layers.Conv2D(4, 3, padding="same", name="c3")(layers.Concatenate()([x, y]))
+    x = layers.PReLU(name="pr3")(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, layers.Dense(2, name="out")(x), name="preprocessing")
+
+
 FACTORIES = {
+    "preprocessing": preprocessing_net,
     "plain": plain_cnn,
     "residual": residual,
     "vgg_sequential": vgg_sequential,
