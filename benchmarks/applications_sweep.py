@@ -48,7 +48,10 @@ def sweep_one(name, fn, seed=0) -> dict:
     rec = {"name": name, "input": size}
     start = time.time()
     try:
-        model = fn(weights=None, input_shape=(size, size, 3), classes=10)
+        kwargs = dict(weights=None, input_shape=(size, size, 3), classes=10)
+        if "classifier_activation" in inspect.signature(fn).parameters:
+            kwargs["classifier_activation"] = None  # compare logits, not saturated softmax
+        model = fn(**kwargs)
         gated = kt.add_gates(model)
         graph = kt.analyze(gated)
         rec["groups"] = graph.num_groups
@@ -58,6 +61,7 @@ def sweep_one(name, fn, seed=0) -> dict:
         if min(counts.values()) == 0:  # keep every layer alive
             removed = {g for g in removed if all(c for c in graph.layer_channel_counts({g}).values())}
         plan = kt.PruningPlan.from_groups(graph, removed)
+        rec["removed_groups"] = len(removed)
         for layer in gated.layers:
             if isinstance(layer, kt.ChannelGate):
                 of = graph.groups_of_layer_output(layer.name)

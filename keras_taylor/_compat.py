@@ -81,3 +81,35 @@ def loss_tracker(model):
 
 def call_has_training_arg(model) -> bool:
     return bool(getattr(model, "_call_has_training_arg", True))
+
+
+# --------------------------------------------------------------------------
+# Classes that public Keras does not export but functional graphs contain.
+# --------------------------------------------------------------------------
+
+def op_classes() -> dict:
+    """`keras.ops` operations that appear as nodes when a functional model uses
+    `x + 3`, `x * y`, ... on symbolic tensors (MobileNetV3's hard-sigmoid)."""
+    from keras.src.ops import numpy as knp
+
+    return {
+        "add": (knp.Add, knp.Subtract),
+        "scale": (knp.Multiply, knp.Divide, knp.TrueDivide),
+    }
+
+
+def application_layers() -> dict:
+    """Custom layers of keras.applications (absent ones are skipped)."""
+    found = {}
+    for module, names in (
+        ("keras.src.applications.convnext", ("LayerScale", "StochasticDepth")),
+        ("keras.src.applications.inception_resnet_v2", ("CustomScaleLayer",)),
+    ):
+        try:
+            mod = __import__(module, fromlist=list(names))
+        except ImportError:
+            continue
+        for name in names:
+            if hasattr(mod, name):
+                found[name] = getattr(mod, name)
+    return found

@@ -74,7 +74,7 @@ class CostModel:
             first = node.name not in seen
             seen.add(node.name)
             if node.handler is None:
-                self._terms.append((node.name, type(inner).__name__, None, None, None, None, inner.count_params() if first else 0))
+                self._terms.append((node.name, type(inner).__name__, None, None, None, None, (inner.count_params() if hasattr(inner, "count_params") else 0) if first else 0))
                 continue
             in_ids = node.in_maps[0] if node.in_maps else None
             out_ids = node.out_maps[0]

@@ -157,10 +157,18 @@ def _call_accepting(layer, *args, **kwargs):
 
 
 def clone_with(model: keras.Model, clone_function) -> keras.Model:
-    """`keras.models.clone_model` that tolerates swapping layer classes."""
+    """`keras.models.clone_model` that tolerates swapping layer classes.
+
+    Stateless `keras.ops` nodes (`x + 3.0`) are reused as they are;
+    `clone_function` sees only layers.
+    """
+
+    def clone(op):
+        return clone_function(op) if isinstance(op, keras.layers.Layer) else op
+
     if isinstance(model, keras.Sequential):
-        return keras.models.clone_model(model, clone_function=clone_function)
-    return keras.models.clone_model(model, clone_function=clone_function, call_function=_call_accepting)
+        return keras.models.clone_model(model, clone_function=clone)
+    return keras.models.clone_model(model, clone_function=clone, call_function=_call_accepting)
 
 
 def _copy_weights(pairs) -> None:

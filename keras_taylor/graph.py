@@ -203,7 +203,7 @@ def analyze(model: keras.Model, on_unknown: str = "error") -> ChannelGraph:
                 uf.fix(ids, f"comes out of {inner.name!r} ({type(inner).__name__}), which has no handler")
                 out_maps.append(ids)
             unknown.append((inner, [m for m in in_maps]))
-        elif layer.name in first_call and inner.weights:
+        elif layer.name in first_call and getattr(inner, "weights", None):
             # A shared layer: every call must keep the same channels.
             first = first_call[layer.name]
             for a, b in zip(first.in_maps, in_maps):

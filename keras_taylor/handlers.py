@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 
+from keras_taylor import _compat
+
 # Activations f with f(0) = 0: a channel gated to 0 stays 0 through them.
 ZERO_PRESERVING_ACTIVATIONS = frozenset(
     {
@@ -176,31 +178,71 @@ class _ProducerHandler(LayerHandler):
 
 
 class ConvHandler(_ProducerHandler):
-    """Conv1D/Conv2D/Conv3D with `groups=1`: filters are channels."""
+    """Conv1D/Conv2D/Conv3D: filters are channels.
+
+    Grouped convolutions (`groups=G`) stay valid grouped convolutions:
+    - depthwise form (`groups == in == filters`, ConvNeXt): output `c` is
+      tied to input `c`, and `groups` shrinks with the channels;
+    - otherwise channel `j` of every group is tied to channel `j` of the
+      others (inputs and outputs alike), so each group keeps the same size and
+      `groups` is unchanged.
+    """
+
+    @staticmethod
+    def _groups(layer) -> int:
+        return int(getattr(layer, "groups", 1) or 1)
+
+    @classmethod
+    def _depthwise_form(cls, layer, in_shapes) -> bool:
+        g = cls._groups(layer)
+        return g > 1 and g == in_shapes[0][-1] == layer.filters
+
+    def gate_needed(self, layer) -> bool:
+        return True
 
     def propagate(self, layer, in_maps, in_shapes, out_shapes, ctx):
         _require_channels_last(layer)
-        if getattr(layer, "groups", 1) != 1:
-            raise ValueError(
-                f"Grouped convolutions are not supported yet. Received: layer "
-                f"{layer.name!r} ({type(layer).__name__}) with "
-                f"groups={layer.groups}."
-            )
-        return super().propagate(layer, in_maps, in_shapes, out_shapes, ctx)
+        g = self._groups(layer)
+        if g == 1:
+            return super().propagate(layer, in_maps, in_shapes, out_shapes, ctx)
+        if self._depthwise_form(layer, in_shapes):
+            out = in_maps[0]
+        else:
+            per_in = in_shapes[0][-1] // g
+            for k in range(1, g):
+                ctx.tie(in_maps[0][:per_in], in_maps[0][k * per_in : (k + 1) * per_in])
+            out = np.tile(ctx.new_ids(out_shapes[0][-1] // g), g)
+        _fix_if_activation_lifts_zero(layer, out, ctx, layer.activation)
+        return [out]
 
     def slice(self, layer, config, weights, kept_in, kept_out):
+        g = self._groups(layer)
         config = dict(config)
         config["filters"] = int(len(kept_out[0]))
-        kernel = weights[0][..., kept_in[0], :][..., kept_out[0]]
+        if g == 1:
+            kernel = weights[0][..., kept_in[0], :][..., kept_out[0]]
+        elif g == layer.filters and weights[0].shape[-2] == 1:  # depthwise form
+            config["groups"] = int(len(kept_out[0]))
+            kernel = weights[0][..., kept_out[0]]
+        else:
+            per_in = weights[0].shape[-2]
+            kept_in_group = kept_in[0][kept_in[0] < per_in]  # the same in every group (tied)
+            kernel = weights[0][..., kept_in_group, :][..., kept_out[0]]
         rest = [w[kept_out[0]] for w in weights[1:]]
         return config, [kernel, *rest]
 
     def macs(self, layer, in_shapes, out_shapes):
-        spatial = math.prod(out_shapes[0][1:-1])
-        return Cost(a=spatial * math.prod(layer.kernel_size))
+        spatial = math.prod(out_shapes[0][1:-1]) * math.prod(layer.kernel_size)
+        if self._depthwise_form(layer, in_shapes):
+            return Cost(b=spatial)
+        return Cost(a=spatial / self._groups(layer))
 
     def params(self, layer, in_shapes, out_shapes):
-        return Cost(a=math.prod(layer.kernel_size), b=1.0 if layer.use_bias else 0.0)
+        k = math.prod(layer.kernel_size)
+        bias = 1.0 if layer.use_bias else 0.0
+        if self._depthwise_form(layer, in_shapes):
+            return Cost(b=k + bias)
+        return Cost(a=k / self._groups(layer), b=bias)
 
 
 class DenseHandler(_ProducerHandler):
@@ -463,6 +505,38 @@ class PReLUHandler(LayerHandler):
         return Cost(b=float(per)) if layer.alpha.shape[-1] != 1 else Cost(d=float(layer.count_params()))
 
 
+class OpHandler(LayerHandler):
+    """A `keras.ops` node in a functional graph (`x + 3.0`, `x * y`, `x / 6`).
+
+    With two tensor operands of equal channel count it is an element-wise
+    merge (channels tied). With one tensor and a constant, scaling keeps a zero
+    channel zero, and adding a constant does not (those channels are kept).
+    """
+
+    def __init__(self, lifts_zero: bool):
+        self.lifts_zero = lifts_zero
+
+    def propagate(self, layer, in_maps, in_shapes, out_shapes, ctx):
+        if len(in_maps) > 1:
+            return ElementwiseMergeHandler().propagate(layer, in_maps, in_shapes, out_shapes, ctx)
+        if self.lifts_zero:
+            ctx.fix(in_maps[0], f"{layer.name!r} adds a constant, so a removed channel would not be zero")
+        return [in_maps[0]]
+
+
+class ChannelScaleHandler(LayerHandler):
+    """`y = x * gamma` with one weight per channel (ConvNeXt's LayerScale)."""
+
+    def slice(self, layer, config, weights, kept_in, kept_out):
+        config = dict(config)
+        if "projection_dim" in config:
+            config["projection_dim"] = int(len(kept_out[0]))
+        return config, [w[kept_out[0]] for w in weights]
+
+    def params(self, layer, in_shapes, out_shapes):
+        return Cost(b=1.0)
+
+
 # --------------------------------------------------------------------------
 # Registry.
 # --------------------------------------------------------------------------
@@ -499,9 +573,9 @@ def register_handler(layer_class: type, handler: LayerHandler) -> None:
     keras_taylor.register_handler(ScaleChannels, ScaleHandler())
     ```
     """
-    if not (isinstance(layer_class, type) and issubclass(layer_class, keras.layers.Layer)):
+    if not (isinstance(layer_class, type) and issubclass(layer_class, keras.Operation)):
         raise TypeError(
-            "Expected `layer_class` to be a subclass of keras.layers.Layer. "
+            "Expected `layer_class` to be a subclass of keras.layers.Layer (or keras.Operation). "
             f"Received: layer_class={layer_class!r}"
         )
     if not isinstance(handler, LayerHandler):
@@ -544,6 +618,17 @@ for _cls in (L.Normalization, L.Rescaling, L.LayerNormalization, L.GroupNormaliz
 for _cls in (L.Reshape, L.Permute):
     register_handler(_cls, ReshapeHandler())
 register_handler(L.PReLU, PReLUHandler())
+for _cls in _compat.op_classes()["add"]:
+    register_handler(_cls, OpHandler(lifts_zero=True))
+for _cls in _compat.op_classes()["scale"]:
+    register_handler(_cls, OpHandler(lifts_zero=False))
+_apps = _compat.application_layers()
+if "LayerScale" in _apps:
+    register_handler(_apps["LayerScale"], ChannelScaleHandler())
+if "StochasticDepth" in _apps:
+    register_handler(_apps["StochasticDepth"], PassThroughHandler())
+if "CustomScaleLayer" in _apps:  # inputs[0] + inputs[1] * scale
+    register_handler(_apps["CustomScaleLayer"], ElementwiseMergeHandler())
 for _cls in (L.Activation, L.ReLU, L.LeakyReLU, L.ELU):
     register_handler(_cls, ActivationHandler())
 register_handler(L.Softmax, SoftmaxHandler())
