@@ -123,7 +123,42 @@ def preprocessing_net():
     return keras.Model(inputs, layers.Dense(2, name="out")(x), name="preprocessing")
 
 
+def grouped_net():
+    """Grouped convs: ConvNeXt-style depthwise form (groups = channels) and groups=2."""
+    inputs = keras.Input((16, 16, 3))
+    x = layers.Conv2D(8, 3, padding="same", name="c")(inputs)
+    x = layers.BatchNormalization(name="bn")(x)
+    y = layers.Conv2D(8, 3, padding="same", groups=8, name="dwform")(x)
+    y = layers.ReLU()(y)
+    y = layers.Conv2D(6, 3, padding="same", groups=2, name="grp")(y)
+    y = layers.BatchNormalization(name="gbn")(y)
+    y = layers.ReLU()(y)
+    y = layers.Conv2D(8, 1, groups=2, name="grp2")(y)
+    y = layers.ReLU()(y)
+    y = layers.GlobalAveragePooling2D()(y)
+    return keras.Model(inputs, layers.Dense(2, name="out")(y), name="grouped")
+
+
+def ops_se_net():
+    """MobileNetV3-style hard-swish and squeeze-excite written with keras.ops arithmetic."""
+    inputs = keras.Input((16, 16, 3))
+    x = layers.Conv2D(8, 3, padding="same", use_bias=False, name="c1")(inputs)
+    x = layers.BatchNormalization(name="bn1")(x)
+    x = layers.Multiply(name="hswish")([x, layers.ReLU(6.0)(x + 3.0) * (1.0 / 6.0)])
+    s = layers.GlobalAveragePooling2D(keepdims=True, name="se_pool")(x)
+    s = layers.Conv2D(4, 1, activation="relu", name="se_reduce")(s)
+    s = layers.Conv2D(8, 1, name="se_expand")(s)
+    s = layers.ReLU(6.0)(s + 3.0) * (1.0 / 6.0)
+    x = layers.Multiply(name="se_mul")([x, layers.UpSampling2D(16, name="se_up")(s)])
+    x = layers.Conv2D(6, 3, padding="same", name="c2")(x)
+    x = layers.ReLU()(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, layers.Dense(2, name="out")(x), name="ops_se")
+
+
 FACTORIES = {
+    "grouped": grouped_net,
+    "ops_se": ops_se_net,
     "preprocessing": preprocessing_net,
     "plain": plain_cnn,
     "residual": residual,
