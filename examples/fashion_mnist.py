@@ -41,7 +41,7 @@ flags.DEFINE_float("target", 0.5, "Prune until FLOPs are at most this fraction o
 flags.DEFINE_integer("epochs", None, "Training epochs before pruning (default 4, quick 2).")
 flags.DEFINE_integer("prune_epochs", None, "Epochs of pruning + fine-tuning (default 4, quick 2).")
 flags.DEFINE_integer("prune_every", None, "Minibatches between pruning steps, K (default 30, quick 5).")
-flags.DEFINE_integer("channels_per_step", 4, "Channel groups removed per pruning step, N.")
+flags.DEFINE_integer("channels_per_step", 8, "Channel groups removed per pruning step, N.")
 flags.DEFINE_integer("blocks", None, "Residual blocks per stage (default 2: ResNet-14; quick 1: ResNet-8).")
 flags.DEFINE_integer("batch_size", 128, "Training batch size.")
 flags.DEFINE_integer("train_subset", None, "Use only this many training images (default all; quick 12800).")
