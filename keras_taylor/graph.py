@@ -113,9 +113,6 @@ class ChannelGraph:
     unknown_layers: list = field(default_factory=list)
 
     # ---- lookups -------------------------------------------------------
-    def nodes_of(self, layer_name: str) -> list:
-        return [n for n in self.nodes if n.name == layer_name]
-
     def first_node(self, layer_name: str) -> NodeInfo:
         for n in self.nodes:
             if n.name == layer_name:
@@ -262,7 +259,7 @@ def analyze(model: keras.Model, on_unknown: str = "error") -> ChannelGraph:
         )
 
     num_comps = len(uniq)
-    group_of_comp = np.full(num_comps + 0, -1, dtype=np.int64)
+    group_of_comp = np.full(num_comps, -1, dtype=np.int64)
     prunable = [c for c in range(num_comps) if c not in fixed_reason]
     group_of_comp[prunable] = np.arange(len(prunable))
 
