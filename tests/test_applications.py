@@ -58,10 +58,13 @@ def _realistic_layer_scale(model, seed=0):
 @pytest.fixture
 def float64():
     """Deep nets accumulate float32 rounding past 1e-5; check equivalence in float64."""
-    old = keras.config.floatx()
+    # Keras caches a global dtype policy derived from floatx: restore both.
+    old_floatx, old_policy = keras.config.floatx(), keras.config.dtype_policy().name
     keras.config.set_floatx("float64")
+    keras.config.set_dtype_policy("float64")
     yield
-    keras.config.set_floatx(old)
+    keras.config.set_floatx(old_floatx)
+    keras.config.set_dtype_policy(old_policy)
 
 
 @pytest.mark.slow
