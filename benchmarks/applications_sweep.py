@@ -25,6 +25,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_taylor as kt  # noqa: E402
+from keras_taylor.testing import lively_statistics, preprocessed  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("only", None, "Constructor names to run (default: all).")
@@ -33,37 +34,6 @@ flags.DEFINE_string("output", os.path.join(os.path.dirname(__file__), "results",
 
 # Smallest input each family accepts with weights=None (Keras checks these).
 MIN_SIZE = {"InceptionV3": 75, "InceptionResNetV2": 75, "Xception": 71, "NASNetMobile": 224, "NASNetLarge": 331}
-
-
-def _preprocessed(fn, x):
-    """Applies the family's own `preprocess_input` (MobileNet expects [-1, 1])."""
-    import importlib
-
-    module = importlib.import_module(fn.__module__)
-    pre = getattr(module, "preprocess_input", None)
-    return np.asarray(pre(x.copy())) if pre is not None else x
-
-
-def _realistic_layer_scale(model, seed=0):
-    """Makes a freshly initialised model's channels carry signal, so that pruning
-    them visibly changes the output and the equality check is not vacuous.
-
-    ConvNeXt's LayerScale starts at 1e-6 (set to 1), and BN at init lets
-    MobileNet's signal die out (give it trained-looking statistics).
-    """
-    rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        if type(layer).__name__ == "LayerScale":
-            layer.set_weights([np.ones_like(w) for w in layer.get_weights()])
-        elif isinstance(layer, keras.layers.BatchNormalization):
-            new = []
-            for v in layer.weights:
-                shape = tuple(v.shape)
-                if "gamma" in v.name or "variance" in v.name:
-                    new.append(rng.uniform(0.5, 1.5, shape))
-                else:
-                    new.append(rng.normal(0.0, 0.3, shape))
-            layer.set_weights(new)
 
 
 def constructors() -> dict:
@@ -84,7 +54,7 @@ def sweep_one(name, fn, seed=0) -> dict:
         if "classifier_activation" in inspect.signature(fn).parameters:
             kwargs["classifier_activation"] = None  # compare logits, not saturated softmax
         model = fn(**kwargs)
-        _realistic_layer_scale(model)
+        lively_statistics(model)
         gated = kt.add_gates(model)
         graph = kt.analyze(gated)
         rec["groups"] = graph.num_groups
@@ -101,7 +71,7 @@ def sweep_one(name, fn, seed=0) -> dict:
                 layer.gate.assign(np.where(np.isin(of, list(removed)), 0.0, 1.0).astype("float32"))
         rec["dtype"] = keras.config.floatx()
         pruned = kt.apply_plan(gated, plan)
-        x = _preprocessed(fn, rng.uniform(0, 255, (2, size, size, 3)).astype(keras.config.floatx()))
+        x = preprocessed(fn, rng.uniform(0, 255, (2, size, size, 3)).astype(keras.config.floatx()))
         a, b = np.asarray(pruned(x, training=False)), np.asarray(gated(x, training=False))
         rec["rel_err"] = float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12))
         c = np.asarray(model(x, training=False))

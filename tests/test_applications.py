@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import keras_taylor as kt
+from keras_taylor.testing import lively_statistics, preprocessed
 from conftest import rel_err
 
 SUBSET = {
@@ -22,37 +23,6 @@ SUBSET = {
     "ConvNeXtTiny": 32,
     "InceptionResNetV2": 75,
 }
-
-
-def _preprocessed(fn, x):
-    """Applies the family's own `preprocess_input` (MobileNet expects [-1, 1])."""
-    import importlib
-
-    module = importlib.import_module(fn.__module__)
-    pre = getattr(module, "preprocess_input", None)
-    return np.asarray(pre(x.copy())) if pre is not None else x
-
-
-def _realistic_layer_scale(model, seed=0):
-    """Makes a freshly initialised model's channels carry signal, so that pruning
-    them visibly changes the output and the equality check is not vacuous.
-
-    ConvNeXt's LayerScale starts at 1e-6 (set to 1), and BN at init lets
-    MobileNet's signal die out (give it trained-looking statistics).
-    """
-    rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        if type(layer).__name__ == "LayerScale":
-            layer.set_weights([np.ones_like(w) for w in layer.get_weights()])
-        elif isinstance(layer, keras.layers.BatchNormalization):
-            new = []
-            for v in layer.weights:
-                shape = tuple(v.shape)
-                if "gamma" in v.name or "variance" in v.name:
-                    new.append(rng.uniform(0.5, 1.5, shape))
-                else:
-                    new.append(rng.normal(0.0, 0.3, shape))
-            layer.set_weights(new)
 
 
 @pytest.fixture
@@ -77,7 +47,7 @@ def test_application_surgery_equals_masking(name, float64):
         kwargs["classifier_activation"] = None
     keras.utils.set_random_seed(0)
     model = fn(**kwargs)
-    _realistic_layer_scale(model)
+    lively_statistics(model)
     gated = kt.add_gates(model)
     graph = kt.analyze(gated)
     assert graph.num_groups > 0
@@ -89,7 +59,7 @@ def test_application_surgery_equals_masking(name, float64):
             of = graph.groups_of_layer_output(layer.name)
             layer.gate.assign(np.where(np.isin(of, list(removed)), 0.0, 1.0).astype("float32"))
     pruned = kt.prune(gated)
-    x = _preprocessed(fn, rng.uniform(0, 255, (2, size, size, 3)))
+    x = preprocessed(fn, rng.uniform(0, 255, (2, size, size, 3)))
     masked = gated(x, training=False)
     assert pruned.dtype == "float64"
     assert rel_err(pruned(x, training=False), masked) <= 1e-9
