@@ -46,19 +46,21 @@ def apply_plan(model: keras.Model, plan: PruningPlan, on_unknown: str = "error")
                 f"Expected at least one channel left in every layer. Received: "
                 f"a plan that removes every output channel of layer {name!r}."
             )
+    # Kept indices per layer (first call), only for layers that lose channels.
+    # Stripping gates keeps every layer name and connection, so they apply to
+    # the stripped model as they are.
+    kept = {}
+    seen = set()
+    for node in graph.nodes:
+        if node.name in seen:
+            continue
+        seen.add(node.name)
+        kin = [np.flatnonzero(alive[m]) for m in node.in_maps]
+        kout = [np.flatnonzero(alive[m]) for m in node.out_maps]
+        if any(len(k) < len(m) for k, m in zip(kin + kout, node.in_maps + node.out_maps)):
+            kept[node.name] = (kin, kout)
     if gates_lib.is_gated(model):
         model = gates_lib._strip(model, check_output_gates=False)
-        graph = graph_lib.analyze(model, on_unknown=on_unknown)
-        alive = graph.alive_ids(removed)
-
-    kept = {}
-    for node in graph.nodes:
-        if node.name in kept:
-            continue
-        kept[node.name] = (
-            [np.flatnonzero(alive[m]) for m in node.in_maps],
-            [np.flatnonzero(alive[m]) for m in node.out_maps],
-        )
     pending = []
 
     def clone(layer):
@@ -66,10 +68,7 @@ def apply_plan(model: keras.Model, plan: PruningPlan, on_unknown: str = "error")
         weights = layer.get_weights()
         handler = graph_lib.get_handler(layer)
         if handler is not None and layer.name in kept:
-            kin, kout = kept[layer.name]
-            full = all(len(k) == len(m) for k, m in zip(kin + kout, _maps(graph, layer.name)))
-            if not full:
-                config, weights = handler.slice(layer, config, weights, kin, kout)
+            config, weights = handler.slice(layer, config, weights, *kept[layer.name])
         new = layer.__class__.from_config(config)
         pending.append((new, weights))
         return new
@@ -78,11 +77,6 @@ def apply_plan(model: keras.Model, plan: PruningPlan, on_unknown: str = "error")
     for layer, weights in pending:
         layer.set_weights(weights)
     return pruned
-
-
-def _maps(graph, name):
-    node = graph.first_node(name)
-    return node.in_maps + node.out_maps
 
 
 def prune(model: keras.Model, on_unknown: str = "error") -> keras.Model:
