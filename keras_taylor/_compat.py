@@ -94,7 +94,8 @@ def op_classes() -> dict:
 
     return {
         "add": (knp.Add, knp.Subtract),
-        "scale": (knp.Multiply, knp.Divide, knp.TrueDivide),
+        "multiply": (knp.Multiply,),
+        "divide": (knp.Divide, knp.TrueDivide),
     }
 
 
@@ -113,3 +114,36 @@ def application_layers() -> dict:
             if hasattr(mod, name):
                 found[name] = getattr(mod, name)
     return found
+
+
+# --------------------------------------------------------------------------
+# Nested models (keras_taylor.nesting).
+# --------------------------------------------------------------------------
+
+def is_graph_model(model) -> bool:
+    """True for a Functional or Sequential model that runs its recorded layer
+    graph as is (its class does not override `call`), so it can be inlined."""
+    from keras.src.models.functional import Functional
+
+    if isinstance(model, keras.Sequential):
+        return type(model).call is keras.Sequential.call
+    return isinstance(model, Functional) and type(model).call is Functional.call
+
+
+def run_graph(model, inputs, call_fn):
+    """Replays the graph of a Functional or Sequential model on new tensors.
+
+    `inputs` is a flat list matching `model.inputs`. Every recorded call is
+    replayed, in topological order, as `call_fn(operation, *args, **kwargs)`
+    with the recorded arguments, tensors replaced by the new ones; `operation`
+    is the model's own layer or op. Returns the outputs in the model's output
+    structure. Nothing is called on the model's own layers unless `call_fn`
+    does it.
+    """
+    fn = functional_of(model)
+    return fn._run_through_graph(list(inputs), operation_fn=lambda op: op, call_fn=call_fn)
+
+
+def inbound_node_count(layer) -> int:
+    """How many times `layer` (or op) has been called on symbolic tensors."""
+    return len(layer._inbound_nodes)

@@ -75,10 +75,13 @@ class ChannelGate(keras.layers.Wrapper):
             self.layer.build(input_shape)
         if self.mode is None:
             self.mode = "params" if self._handler.gate_variables(self.layer) else "output"
-        out_shape = self.layer.compute_output_shape(input_shape)
+        out_shape = tuple(self.layer.compute_output_shape(input_shape))
+        self._axis = graph_lib._declared_axis(self.layer, len(out_shape))
+        if self._axis is None:
+            self._axis = len(out_shape) - 1
         self.gate = self.add_weight(
             name="gate",
-            shape=(int(out_shape[-1]),),
+            shape=(int(out_shape[self._axis]),),
             initializer="ones",
             trainable=False,
             dtype="float32",
@@ -101,7 +104,11 @@ class ChannelGate(keras.layers.Wrapper):
     def call(self, inputs, training=None, mask=None):
         if self.mode == "output":
             y = self._call_inner(inputs, training, mask)
-            return y * ops.cast(self.gate, y.dtype)
+            gate = ops.cast(self.gate, y.dtype)
+            rank = len(y.shape)
+            if self._axis != rank - 1:  # channels first: (C, 1, ..., 1)
+                gate = ops.reshape(gate, (-1,) + (1,) * (rank - 1 - self._axis))
+            return y * gate
         gated = self._handler.gate_variables(self.layer)
         mapping = [
             (v, self._handler.gate_scale(self.layer, v, v.value, ops.cast(self.gate, v.dtype)))

@@ -8,8 +8,15 @@ kept or removed together, and it behaves like one shared gate whose gradient is
 the sum of its members' gate gradients (CVPR'19 §3, DESIGN.md §1).
 
 A component is *fixed* (never pruned) when any of its ids comes from a model
-input, reaches a model output, passes an op that maps 0 to non-zero with no
-gate behind it, or is consumed by a layer that cannot be sliced.
+input, reaches a model output, is consumed by a layer that cannot be sliced
+or that couples channels (softmax, layer norm), or when a removed channel
+would still be non-zero where a layer that mixes channels (Conv, Dense)
+reads it. That last rule is a dataflow over the gated model with the
+group's gates at 0: a gate makes the channel zero, `sigmoid` or `x + 3`
+makes it non-zero, `Multiply` is zero if any factor is (the squeeze-excite
+`x * sigmoid(s)`), `Add` only if every term is. So the expanded channels of
+an EfficientNet/MobileNetV3 block, which pass a sigmoid on their way
+through the squeeze-excite branch, stay prunable.
 
 The analysis never mutates the model.
 """
@@ -36,6 +43,102 @@ def _shape(t) -> tuple:
     return tuple(t.shape)
 
 
+# ---- layouts: where the channel axis of each tensor is ---------------------
+# Handlers see every shape in channels-last order (`_canonical`), whatever
+# the layers' `data_format`; the real axis is in `NodeInfo.in_axes/out_axes`
+# and, during `propagate`, in `ctx.in_axes/ctx.out_axes`.
+
+def _default_axis(shape) -> int | None:
+    return len(shape) - 1 if len(shape) > 1 else None
+
+
+def _channels(shape, axis) -> int:
+    return 1 if axis is None else int(shape[axis])
+
+
+def _canonical(shape, axis) -> tuple:
+    """`shape` with its channel axis moved last."""
+    if axis is None or axis == len(shape) - 1:
+        return tuple(shape)
+    shape = tuple(shape)
+    return shape[:axis] + shape[axis + 1 :] + (shape[axis],)
+
+
+def _declared_axis(layer, rank: int) -> int | None:
+    """The channel axis `layer` expects its inputs to have, if it says."""
+    if rank <= 2:
+        return None
+    if isinstance(layer, keras.layers.BatchNormalization):
+        axis = layer.axis if isinstance(layer.axis, int) else layer.axis[0]
+        return axis % rank
+    if isinstance(layer, keras.layers.Dense):
+        return rank - 1
+    fmt = getattr(layer, "data_format", None)
+    if fmt in ("channels_first", "channels_last") and not isinstance(layer, keras.layers.Flatten):
+        return 1 if fmt == "channels_first" else rank - 1
+    return None
+
+
+def _out_axis(layer, handler, in_axes, in_shapes, out_shape) -> int | None:
+    rank = len(out_shape)
+    if rank <= 2:
+        return _default_axis(out_shape)
+    declared = _declared_axis(layer, rank)
+    if declared is not None:
+        return declared
+    if handler.creates_channels:
+        return rank - 1
+    if in_axes and in_axes[0] is not None and len(in_shapes[0]) == rank:
+        return in_axes[0]
+    return rank - 1
+
+
+def _check_input_axes(layer, in_tensors, in_axes) -> None:
+    for t, axis in zip(in_tensors, in_axes):
+        rank = len(t.shape)
+        declared = _declared_axis(layer, rank)
+        if declared is not None and axis is not None and declared != axis:
+            producer = getattr(getattr(t, "_keras_history", None), "operation", None)
+            where = f"from {producer.name!r}" if producer is not None else f"{t.name!r}"
+            raise ValueError(
+                f"Layer {layer.name!r} ({type(layer).__name__}) expects the "
+                f"channels of its input on axis {declared}, but the tensor "
+                f"{where} has them on axis {axis}. Keep one data_format along a "
+                "path (or put a Permute between layouts) so channels can be "
+                "followed."
+            )
+
+
+def _input_axes(inputs, calls) -> dict:
+    """The channel axis of each model input: the one its first consumer that
+    declares a layout (a conv's data_format, BN's axis) expects; channels
+    last if none does."""
+    users: dict = {}
+    for layer, ins, outs in calls:
+        for t in ins:
+            users.setdefault(id(t), []).append((unwrap(layer), outs))
+    result = {}
+    for t in inputs:
+        rank = len(t.shape)
+        axis, frontier, seen = None, [t], set()
+        while frontier and axis is None:
+            nxt = []
+            for u in frontier:
+                for layer, outs in users.get(id(u), []):
+                    declared = _declared_axis(layer, rank)
+                    if declared is not None:
+                        axis = declared
+                        break
+                    if get_handler(layer) is not None and not get_handler(layer).creates_channels:
+                        nxt.extend(o for o in outs if len(o.shape) == rank and id(o) not in seen)
+                        seen.update(id(o) for o in outs)
+                if axis is not None:
+                    break
+            frontier = nxt
+        result[id(t)] = axis if axis is not None else _default_axis(tuple(t.shape))
+    return result
+
+
 @dataclass
 class NodeInfo:
     """One call of one layer, with the channel maps of its tensors."""
@@ -47,6 +150,9 @@ class NodeInfo:
     in_shapes: list
     out_shapes: list
     out_keys: list = field(default_factory=list)  # id() of the output KerasTensors
+    in_keys: list = field(default_factory=list)  # id() of the input KerasTensors
+    in_axes: list = field(default_factory=list)  # channel axis of each input in its real layout
+    out_axes: list = field(default_factory=list)  # channel axis of each output
 
     @property
     def name(self) -> str:
@@ -175,24 +281,39 @@ def analyze(model: keras.Model, on_unknown: str = "error") -> ChannelGraph:
         raise ValueError(f"Expected on_unknown in {_ON_UNKNOWN}. Received: on_unknown={on_unknown!r}")
     uf = _UnionFind()
     maps: dict = {}  # id(KerasTensor) -> channel map
+    axes: dict = {}  # id(KerasTensor) -> channel axis (None: one channel)
     consumers: dict = {}  # id(KerasTensor) -> [layer names]
     inputs, outputs = _compat.graph_inputs_outputs(model)
+    calls = list(_compat.nodes_in_order(model))
+    input_axes = _input_axes(inputs, calls)
     for t in inputs:
-        ids = uf.new_ids(_shape(t)[-1] if len(_shape(t)) > 1 else 1)
+        axes[id(t)] = input_axes[id(t)]
+        ids = uf.new_ids(_channels(_shape(t), axes[id(t)]))
         uf.fix(ids, f"comes from model input {t.name!r}")
         maps[id(t)] = ids
 
     nodes: list = []
     first_call: dict = {}
     unknown: list = []  # [(layer, in ids)]
-    for layer, in_tensors, out_tensors in _compat.nodes_in_order(model):
+    for layer, in_tensors, out_tensors in calls:
         inner = unwrap(layer)
         handler = get_handler(inner)
         in_maps = [maps[id(t)] for t in in_tensors]
-        in_shapes = [_shape(t) for t in in_tensors]
-        out_shapes = [_shape(t) for t in out_tensors]
+        in_axes = [axes[id(t)] for t in in_tensors]
+        real_in = [_shape(t) for t in in_tensors]
+        real_out = [_shape(t) for t in out_tensors]
         for t in in_tensors:
             consumers.setdefault(id(t), []).append(layer.name)
+        if handler is None:
+            out_axes = [_default_axis(s) for s in real_out]
+        else:
+            _check_input_axes(inner, in_tensors, in_axes)
+            out_axes = handler.out_axes(inner, in_axes, real_in, real_out)
+            if out_axes is None:
+                out_axes = [_out_axis(inner, handler, in_axes, real_in, s) for s in real_out]
+        in_shapes = [_canonical(s, a) for s, a in zip(real_in, in_axes)]
+        out_shapes = [_canonical(s, a) for s, a in zip(real_out, out_axes)]
+        uf.in_axes, uf.out_axes = in_axes, out_axes
         if handler is None:
             out_maps = []
             for s in out_shapes:
@@ -212,7 +333,7 @@ def analyze(model: keras.Model, on_unknown: str = "error") -> ChannelGraph:
             )
         else:
             out_maps = handler.propagate(inner, in_maps, in_shapes, out_shapes, uf)
-        for t, m, s in zip(out_tensors, out_maps, out_shapes):
+        for t, m, s, a in zip(out_tensors, out_maps, out_shapes, out_axes):
             expected = s[-1] if len(s) > 1 else 1
             if len(m) != expected:
                 raise ValueError(
@@ -221,9 +342,11 @@ def analyze(model: keras.Model, on_unknown: str = "error") -> ChannelGraph:
                     f"{expected} channels."
                 )
             maps[id(t)] = m
+            axes[id(t)] = a
         node = NodeInfo(
             layer, handler, in_maps, out_maps, in_shapes, out_shapes,
-            [id(t) for t in out_tensors],
+            [id(t) for t in out_tensors], [id(t) for t in in_tensors],
+            list(in_axes), list(out_axes),
         )
         nodes.append(node)
         first_call.setdefault(layer.name, node)
@@ -258,23 +381,99 @@ def analyze(model: keras.Model, on_unknown: str = "error") -> ChannelGraph:
             f"Layers without a handler on prunable paths: {[l.name for l in blocked]}."
         )
 
-    num_comps = len(uniq)
-    group_of_comp = np.full(num_comps, -1, dtype=np.int64)
-    prunable = [c for c in range(num_comps) if c not in fixed_reason]
-    group_of_comp[prunable] = np.arange(len(prunable))
-
     graph = ChannelGraph(
         model_name=model.name,
         nodes=nodes,
         comp_of=comp_of,
         fixed_reason=fixed_reason,
-        group_of_comp=group_of_comp,
-        num_groups=len(prunable),
+        group_of_comp=np.zeros(0, dtype=np.int64),
+        num_groups=0,
         gate_sites=[],
         unknown_layers=[l.name for l, _ in unknown],
     )
-    graph.gate_sites = _gate_sites(graph, consumers, outputs)
+    _number_groups(graph, len(uniq))
+    # Gates go where a removed channel could otherwise become non-zero; with
+    # them in place, find the channels that would still reach a mixing layer
+    # non-zero, fix their components, and drop gates left without a group.
+    sites = _gate_sites(graph, consumers, outputs)
+    _zero_state_dataflow(graph, set(sites))
+    _number_groups(graph, len(uniq))
+    graph.gate_sites = [
+        name for name in sites if (graph.groups_of_layer_output(name) >= 0).any()
+    ]
     return graph
+
+
+def _number_groups(graph: ChannelGraph, num_comps: int) -> None:
+    group_of_comp = np.full(num_comps, -1, dtype=np.int64)
+    prunable = [c for c in range(num_comps) if c not in graph.fixed_reason]
+    group_of_comp[prunable] = np.arange(len(prunable))
+    graph.group_of_comp = group_of_comp
+    graph.num_groups = len(prunable)
+
+
+def _carry(in_maps, in_states, out_map, fresh: int) -> np.ndarray:
+    """Moves slot states along channel ids; ids no input holds get `fresh`."""
+    if len(in_maps) == 1 and in_maps[0] is out_map:
+        return in_states[0].copy()
+    ids = np.concatenate(in_maps) if in_maps else np.zeros(0, np.int64)
+    codes = np.concatenate(in_states) if in_states else np.zeros(0, np.int64)
+    uniq, inverse = np.unique(ids, return_inverse=True)
+    agg = np.zeros(len(uniq), dtype=np.int64)
+    np.maximum.at(agg, inverse, codes)
+    pos = np.minimum(np.searchsorted(uniq, out_map), max(len(uniq) - 1, 0))
+    found = (uniq[pos] == out_map) if len(uniq) else np.zeros(len(out_map), bool)
+    return np.where(found, agg[pos] if len(uniq) else 0, fresh)
+
+
+def _zero_state_dataflow(graph: ChannelGraph, gated: set) -> None:
+    """Fixes components whose removed channels would reach a mixing layer non-zero.
+
+    State of a slot: 0 when a removed channel is exactly zero there in the
+    gated model with its group's gates at 0; k > 0 when it may be non-zero,
+    `reasons[k]` saying why.
+    """
+    reasons = ["", "comes from a model input"]
+    state: dict = {}  # model inputs: absent, read as non-zero
+    comp_of, fixed = graph.comp_of, graph.fixed_reason
+    for node in graph.nodes:
+        handler, inner = node.handler, node.inner
+        in_states = [
+            state[k] if k in state else np.ones(len(m), dtype=np.int64)
+            for k, m in zip(node.in_keys, node.in_maps)
+        ]
+        if handler is None:  # its inputs and outputs are fixed already
+            for k, m in zip(node.out_keys, node.out_maps):
+                state[k] = np.ones(len(m), dtype=np.int64)
+            continue
+        if handler.mixes_inputs(inner, node.in_shapes):
+            for m, st in zip(node.in_maps, in_states):
+                for c, code in zip(comp_of[m[st > 0]].tolist(), st[st > 0].tolist()):
+                    if c not in fixed:
+                        fixed[c] = (
+                            f"a removed channel would reach {node.name!r} "
+                            f"({type(inner).__name__}), which mixes channels, non-zero: "
+                            f"{reasons[code]}"
+                        )
+        combined = handler.combine(inner, in_states, node.in_shapes, node.out_shapes)
+        lift = handler.lifts_zero(inner, node.in_shapes)
+        lift_code = fresh_code = 0
+        if lift is not None:
+            reasons.append(lift)
+            lift_code = len(reasons) - 1
+        for i, (k, m) in enumerate(zip(node.out_keys, node.out_maps)):
+            if combined is not None and i == 0:
+                out = np.asarray(combined, dtype=np.int64).copy()
+            else:
+                if not fresh_code:
+                    reasons.append(f"{node.name!r} makes channels without a gate")
+                    fresh_code = len(reasons) - 1
+                out = _carry(node.in_maps, in_states, m, fresh_code)
+            if node.name in gated:
+                out[:] = 0
+            if lift_code:
+                out[:] = lift_code
+            state[k] = out
 
 
 def _gate_sites(graph: ChannelGraph, consumers: dict, outputs) -> list:

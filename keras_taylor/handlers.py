@@ -73,7 +73,15 @@ class AnalysisContext:
 
     A channel map is a 1-D int array, one id per slot of a tensor's channel
     axis (for a flattened tensor: one per feature).
+
+    Shapes given to handlers are in channels-last order whatever the layers'
+    `data_format`; while a layer is read, `in_axes` and `out_axes` hold the
+    real channel axis of each of its inputs and outputs (`None` for a tensor
+    of rank 1).
     """
+
+    in_axes: list = []
+    out_axes: list = []
 
     def new_ids(self, n: int) -> np.ndarray:  # pragma: no cover - interface
         raise NotImplementedError
@@ -107,6 +115,29 @@ class LayerHandler:
         """Whether `layer` can turn zero input channels into non-zero output channels."""
         return self.needs_gate
 
+    # ---- zero-state dataflow (see graph.analyze) ----------------------
+    # A removed channel is pruned consistently only if it is exactly zero in
+    # the gated model (its gate at 0) wherever a layer that mixes channels
+    # (Conv, Dense) reads it. These three hooks say how a layer moves the
+    # "may be non-zero" state of a removed channel from inputs to outputs.
+
+    def mixes_inputs(self, layer, in_shapes) -> bool:
+        """Whether every input channel feeds output channels of other groups
+        (Conv, Dense): a removed input channel must then be exactly zero."""
+        return self.creates_channels
+
+    def lifts_zero(self, layer, in_shapes) -> str | None:
+        """Why `layer` maps a zero channel to a non-zero one (after its gate,
+        if it has one), or `None` when zero stays zero (ReLU, pooling, ...)."""
+        return None
+
+    def combine(self, layer, in_states: list, in_shapes, out_shapes):
+        """Per output slot, whether a removed channel may be non-zero, for
+        layers whose inputs are tied slot by slot (merges). Each state is an
+        int array: 0 = exactly zero, k > 0 = non-zero for reason k. `None`
+        (the default) carries each slot's state along its channel id."""
+        return None
+
     def gate_variables(self, layer) -> list:
         """Variables a gate scales (see `gate_scale`) to gate the output channels.
 
@@ -121,6 +152,17 @@ class LayerHandler:
         Dense kernels, biases and BN parameters.
         """
         return value * gate
+
+    def out_axes(self, layer, in_axes, in_shapes, out_shapes):
+        """The channel axis of each output, given the real (not channels-last)
+        shapes, or `None` for the default: the layer's `data_format` if it has
+        one, the last axis for a layer that makes channels, else the axis of
+        its first input."""
+        return None
+
+    def slice_with_layout(self, layer, config, weights, kept_in, kept_out, in_axes, out_axes):
+        """`slice`, for handlers that need the real channel axes (Reshape, PReLU)."""
+        return self.slice(layer, config, weights, kept_in, kept_out)
 
     def slice(self, layer, config: dict, weights: list, kept_in: list, kept_out: list):
         """Returns `(config, weights)` keeping only the given channel indices.
@@ -142,24 +184,27 @@ class LayerHandler:
 # Concrete handlers.
 # --------------------------------------------------------------------------
 
-def _require_channels_last(layer) -> None:
-    fmt = getattr(layer, "data_format", "channels_last")
-    if fmt != "channels_last":
-        raise ValueError(
-            f"Expected data_format='channels_last' on a pruned path. Received: "
-            f"layer {layer.name!r} ({type(layer).__name__}) with "
-            f"data_format={fmt!r}."
-        )
-
-
-def _fix_if_activation_lifts_zero(layer, ids, ctx, activation) -> None:
+def _activation_lift(layer, activation) -> str | None:
     name = activation_name(activation)
     if name not in ZERO_PRESERVING_ACTIVATIONS:
-        ctx.fix(
-            ids,
-            f"{layer.name!r} applies activation {name!r}, which maps 0 to a "
-            "non-zero value, so a removed channel would not be zero",
-        )
+        return f"{layer.name!r} applies activation {name!r}, which maps 0 to a non-zero value"
+    return None
+
+
+def _any(states):
+    """OR of slot states: non-zero if any input is (Add, Subtract, Maximum, ...)."""
+    out = states[0]
+    for s in states[1:]:
+        out = np.maximum(out, s)
+    return out
+
+
+def _all(states):
+    """AND of slot states: zero if any input is (Multiply)."""
+    out = states[0]
+    for s in states[1:]:
+        out = np.where(s == 0, 0, out)
+    return out
 
 
 class _ProducerHandler(LayerHandler):
@@ -169,9 +214,10 @@ class _ProducerHandler(LayerHandler):
     needs_gate = True
 
     def propagate(self, layer, in_maps, in_shapes, out_shapes, ctx):
-        out = ctx.new_ids(out_shapes[0][-1])
-        _fix_if_activation_lifts_zero(layer, out, ctx, layer.activation)
-        return [out]
+        return [ctx.new_ids(out_shapes[0][-1])]
+
+    def lifts_zero(self, layer, in_shapes):
+        return _activation_lift(layer, layer.activation)
 
     def gate_variables(self, layer):
         return [v for v in (layer.kernel, getattr(layer, "bias", None)) if v is not None]
@@ -200,20 +246,19 @@ class ConvHandler(_ProducerHandler):
     def gate_needed(self, layer) -> bool:
         return True
 
+    def mixes_inputs(self, layer, in_shapes) -> bool:
+        return not self._depthwise_form(layer, in_shapes)
+
     def propagate(self, layer, in_maps, in_shapes, out_shapes, ctx):
-        _require_channels_last(layer)
         g = self._groups(layer)
         if g == 1:
             return super().propagate(layer, in_maps, in_shapes, out_shapes, ctx)
         if self._depthwise_form(layer, in_shapes):
-            out = in_maps[0]
-        else:
-            per_in = in_shapes[0][-1] // g
-            for k in range(1, g):
-                ctx.tie(in_maps[0][:per_in], in_maps[0][k * per_in : (k + 1) * per_in])
-            out = np.tile(ctx.new_ids(out_shapes[0][-1] // g), g)
-        _fix_if_activation_lifts_zero(layer, out, ctx, layer.activation)
-        return [out]
+            return [in_maps[0]]
+        per_in = in_shapes[0][-1] // g
+        for k in range(1, g):
+            ctx.tie(in_maps[0][:per_in], in_maps[0][k * per_in : (k + 1) * per_in])
+        return [np.tile(ctx.new_ids(out_shapes[0][-1] // g), g)]
 
     def slice(self, layer, config, weights, kept_in, kept_out):
         g = self._groups(layer)
@@ -273,10 +318,10 @@ class DepthwiseConvHandler(LayerHandler):
         return bool(layer.use_bias)
 
     def propagate(self, layer, in_maps, in_shapes, out_shapes, ctx):
-        _require_channels_last(layer)
-        out = np.repeat(in_maps[0], layer.depth_multiplier)
-        _fix_if_activation_lifts_zero(layer, out, ctx, layer.activation)
-        return [out]
+        return [np.repeat(in_maps[0], layer.depth_multiplier)]
+
+    def lifts_zero(self, layer, in_shapes):
+        return _activation_lift(layer, layer.activation)
 
     def gate_variables(self, layer):
         return [v for v in (layer.kernel, getattr(layer, "bias", None)) if v is not None]
@@ -301,10 +346,6 @@ class DepthwiseConvHandler(LayerHandler):
 
 class SeparableConvHandler(_ProducerHandler):
     """SeparableConv1D/2D: a depthwise conv (multiplier dm) then a 1×1 pointwise conv."""
-
-    def propagate(self, layer, in_maps, in_shapes, out_shapes, ctx):
-        _require_channels_last(layer)
-        return super().propagate(layer, in_maps, in_shapes, out_shapes, ctx)
 
     def gate_variables(self, layer):
         return [v for v in (layer.pointwise_kernel, getattr(layer, "bias", None)) if v is not None]
@@ -332,10 +373,6 @@ class SeparableConvHandler(_ProducerHandler):
 class ConvTransposeHandler(_ProducerHandler):
     """Conv1D/2D/3DTranspose: kernel `(..., out, in)`."""
 
-    def propagate(self, layer, in_maps, in_shapes, out_shapes, ctx):
-        _require_channels_last(layer)
-        return super().propagate(layer, in_maps, in_shapes, out_shapes, ctx)
-
     def gate_scale(self, layer, variable, value, gate):
         if variable is layer.kernel:
             return value * keras.ops.reshape(gate, (-1, 1))
@@ -361,15 +398,6 @@ class BatchNormHandler(LayerHandler):
 
     needs_gate = True
 
-    def propagate(self, layer, in_maps, in_shapes, out_shapes, ctx):
-        axis = layer.axis if isinstance(layer.axis, int) else layer.axis[0]
-        if axis not in (-1, len(in_shapes[0]) - 1):
-            raise ValueError(
-                f"Expected BatchNormalization over the last (channel) axis. "
-                f"Received: layer {layer.name!r} with axis={layer.axis}."
-            )
-        return [in_maps[0]]
-
     def gate_variables(self, layer):
         # y = gamma * x_hat + beta: scaling both scales y. With scale=False the
         # output cannot be scaled through the parameters.
@@ -391,13 +419,13 @@ class PassThroughHandler(LayerHandler):
 class ActivationHandler(LayerHandler):
     """`Activation`, `ReLU`, `LeakyReLU`, `ELU`: element-wise, maybe zero-lifting."""
 
-    def propagate(self, layer, in_maps, in_shapes, out_shapes, ctx):
+    def lifts_zero(self, layer, in_shapes):
         if isinstance(layer, keras.layers.Activation):
-            _fix_if_activation_lifts_zero(layer, in_maps[0], ctx, layer.activation)
-        elif isinstance(layer, keras.layers.ReLU):
+            return _activation_lift(layer, layer.activation)
+        if isinstance(layer, keras.layers.ReLU):
             if float(layer.negative_slope) != 0.0 and float(layer.threshold) != 0.0:
-                ctx.fix(in_maps[0], f"{layer.name!r}: ReLU(threshold, negative_slope) maps 0 to non-zero")
-        return [in_maps[0]]
+                return f"{layer.name!r}: ReLU(threshold, negative_slope) maps 0 to a non-zero value"
+        return None
 
 
 class SoftmaxHandler(LayerHandler):
@@ -409,7 +437,15 @@ class SoftmaxHandler(LayerHandler):
 
 
 class ElementwiseMergeHandler(LayerHandler):
-    """Add/Subtract/Average/Maximum/Minimum/Multiply: channel i of every input is tied."""
+    """Add/Subtract/Average/Maximum/Minimum/Multiply: channel i of every input is tied.
+
+    A removed channel is zero after `Multiply` if it is zero in any input
+    (the squeeze-excite `x * sigmoid(s)`), after the others only if it is zero
+    in every input.
+    """
+
+    def combine(self, layer, in_states, in_shapes, out_shapes):
+        return _all(in_states) if isinstance(layer, keras.layers.Multiply) else _any(in_states)
 
     def propagate(self, layer, in_maps, in_shapes, out_shapes, ctx):
         sizes = {len(m) for m in in_maps}
@@ -427,68 +463,127 @@ class ElementwiseMergeHandler(LayerHandler):
 class ConcatenateHandler(LayerHandler):
     """Concatenate: along channels the maps are joined; along space they are tied."""
 
+    @staticmethod
+    def _joins_channels(in_shapes, out_shapes) -> bool:
+        # Channels-last shapes: joined along channels, the channel counts add up.
+        return out_shapes[0][-1] == sum(s[-1] for s in in_shapes)
+
     def propagate(self, layer, in_maps, in_shapes, out_shapes, ctx):
-        rank = len(out_shapes[0])
-        axis = layer.axis % rank
-        if axis == rank - 1:
+        if self._joins_channels(in_shapes, out_shapes):
             return [np.concatenate(in_maps)]
         for other in in_maps[1:]:
             ctx.tie(in_maps[0], other)
         return [in_maps[0]]
+
+    def combine(self, layer, in_states, in_shapes, out_shapes):
+        if self._joins_channels(in_shapes, out_shapes):
+            return None  # channel offsets: each slot keeps its own state
+        return _any(in_states)  # joined along space: non-zero if any part is
 
 
 class FlattenHandler(LayerHandler):
     """Flatten of a channels-last tensor: feature `i` is channel `i % C`."""
 
     def propagate(self, layer, in_maps, in_shapes, out_shapes, ctx):
-        if getattr(layer, "data_format", "channels_last") != "channels_last":
-            _require_channels_last(layer)
         positions = math.prod(in_shapes[0][1:-1])
-        return [np.tile(in_maps[0], positions)]
+        rank = len(in_shapes[0])
+        axis = ctx.in_axes[0] if ctx.in_axes else rank - 1
+        fmt = getattr(layer, "data_format", "channels_last")
+        if rank <= 2 or axis == rank - 1 and fmt == "channels_last":
+            return [np.tile(in_maps[0], positions)]
+        if axis == 1 and fmt == "channels_first":  # Keras moves channels last first
+            return [np.tile(in_maps[0], positions)]
+        if axis == 1 and fmt == "channels_last":  # (C, H, W) flattened in place
+            return [np.repeat(in_maps[0], positions)]
+        raise ValueError(
+            f"Expected Flatten with data_format matching its input's channel "
+            f"axis. Received: layer {layer.name!r} with data_format={fmt!r} on a "
+            f"tensor whose channels are on axis {axis}."
+        )
 
 
 class FixingHandler(LayerHandler):
-    """Channel-wise layers whose output for a removed (zero) channel would not be
-    zero, or whose channels are coupled, so their channels are kept.
+    """Normalization layers that couple channels or shift them.
 
-    Normalization (subtracts a mean), Rescaling with an offset,
-    LayerNormalization/GroupNormalization/UnitNormalization over channels (a
-    removed channel changes the statistics of the others).
+    LayerNormalization/GroupNormalization/UnitNormalization over channels and
+    Normalization over other axes are fixed (a removed channel changes the
+    statistics of the others); per-channel Normalization and Rescaling with
+    an offset keep their channels apart but map 0 to non-zero.
     """
 
+    @staticmethod
+    def _per_channel(layer, rank, axis) -> bool:
+        if isinstance(layer, keras.layers.Rescaling):
+            return True
+        if isinstance(layer, keras.layers.Normalization) and axis is not None:
+            return tuple(a % rank for a in layer.axis) == (axis,)
+        return False
+
     def propagate(self, layer, in_maps, in_shapes, out_shapes, ctx):
-        if isinstance(layer, keras.layers.Rescaling) and not np.any(np.asarray(layer.offset)):
-            return [in_maps[0]]
-        ctx.fix(in_maps[0], f"{layer.name!r} ({type(layer).__name__}) mixes or shifts channels")
+        rank = len(in_shapes[0])
+        axis = ctx.in_axes[0] if ctx.in_axes else rank - 1
+        if not self._per_channel(layer, rank, axis):
+            ctx.fix(in_maps[0], f"{layer.name!r} ({type(layer).__name__}) mixes channels")
         return [in_maps[0]]
+
+    def lifts_zero(self, layer, in_shapes):
+        if isinstance(layer, keras.layers.Rescaling) and not np.any(np.asarray(layer.offset)):
+            return None
+        return f"{layer.name!r} ({type(layer).__name__}) shifts its channels"
 
     def params(self, layer, in_shapes, out_shapes):
         return Cost(d=float(layer.count_params()))
 
 
 class ReshapeHandler(LayerHandler):
-    """Reshape/Permute that keep the channel axis last and whole: positions move, channels do not."""
+    """Reshape/Permute that keep the channel axis whole: positions move, channels do not.
 
-    def propagate(self, layer, in_maps, in_shapes, out_shapes, ctx):
-        keeps = in_shapes[0][-1] == out_shapes[0][-1]
+    Permute moves the channel axis wherever its `dims` say (so it can switch
+    layouts). Reshape must keep the channels as one axis, first or last: a
+    channels-last `(H, W, C) -> (H*W, C)`, a channels-first
+    `(C, H, W) -> (C, H*W)`, or a vector `(C,) -> (1, 1, C)` or `(C, 1, 1)`.
+    """
+
+    def out_axes(self, layer, in_axes, in_shapes, out_shapes):
+        axis, shape, out = in_axes[0], in_shapes[0], out_shapes[0]
         if isinstance(layer, keras.layers.Permute):
-            keeps = keeps and tuple(layer.dims)[-1] == len(in_shapes[0]) - 1
-        if not keeps:
-            raise ValueError(
-                f"Expected {type(layer).__name__} to keep the channel axis last and whole. "
-                f"Received: layer {layer.name!r} mapping {in_shapes[0]} to {out_shapes[0]}."
-            )
-        return [in_maps[0]]
+            if axis is None:
+                return [None]
+            return [(0, *layer.dims).index(axis)]
+        if axis is None:
+            return [None if len(out) <= 1 else len(out) - 1]
+        channels, rank = shape[axis], len(shape)
+        if axis == rank - 1 and len(out) > 1 and out[-1] == channels:
+            return [len(out) - 1]
+        if axis == 1 and len(out) > 1 and out[1] == channels:
+            return [1]
+        raise ValueError(
+            f"Expected {type(layer).__name__} to keep the channel axis whole, as "
+            f"the first or last axis. Received: layer {layer.name!r} mapping "
+            f"{shape} (channels on axis {axis}) to {out}."
+        )
 
-    def slice(self, layer, config, weights, kept_in, kept_out):
-        if "target_shape" in config and config["target_shape"][-1] != -1:
-            config = dict(config)
-            config["target_shape"] = (*config["target_shape"][:-1], int(len(kept_out[0])))
+    def slice_with_layout(self, layer, config, weights, kept_in, kept_out, in_axes, out_axes):
+        target = config.get("target_shape")
+        axis = out_axes[0]
+        if target is not None and axis is not None and target[axis - 1] != -1:
+            target = list(target)
+            target[axis - 1] = int(len(kept_out[0]))
+            config = dict(config, target_shape=tuple(target))
         return config, weights
 
 
 class PReLUHandler(LayerHandler):
-    """PReLU: element-wise, zero-preserving, with a per-channel `alpha`."""
+    """PReLU on channels-last tensors: element-wise, zero-preserving, with a per-channel `alpha`."""
+
+    def out_axes(self, layer, in_axes, in_shapes, out_shapes):
+        axis, rank = in_axes[0], len(in_shapes[0])
+        if axis is not None and axis != rank - 1:
+            raise ValueError(
+                f"Expected PReLU on channels-last tensors. Received: layer "
+                f"{layer.name!r} on a tensor whose channels are on axis {axis}."
+            )
+        return None
 
     def propagate(self, layer, in_maps, in_shapes, out_shapes, ctx):
         if layer.alpha.shape[-1] not in (1, in_shapes[0][-1]):
@@ -513,15 +608,27 @@ class OpHandler(LayerHandler):
     channel zero, and adding a constant does not (those channels are kept).
     """
 
-    def __init__(self, lifts_zero: bool):
-        self.lifts_zero = lifts_zero
+    def __init__(self, kind: str):
+        if kind not in ("add", "multiply", "divide"):
+            raise ValueError(f"Expected kind in ('add', 'multiply', 'divide'). Received: kind={kind!r}")
+        self.kind = kind
 
     def propagate(self, layer, in_maps, in_shapes, out_shapes, ctx):
         if len(in_maps) > 1:
             return ElementwiseMergeHandler().propagate(layer, in_maps, in_shapes, out_shapes, ctx)
-        if self.lifts_zero:
-            ctx.fix(in_maps[0], f"{layer.name!r} adds a constant, so a removed channel would not be zero")
         return [in_maps[0]]
+
+    def lifts_zero(self, layer, in_shapes):
+        if self.kind == "divide":  # `c / x` or `x / y` may divide by a removed (zero) channel
+            return f"{layer.name!r} divides, maybe by a removed (zero) channel"
+        if self.kind == "add" and len(in_shapes) == 1:
+            return f"{layer.name!r} adds a constant"
+        return None
+
+    def combine(self, layer, in_states, in_shapes, out_shapes):
+        if len(in_states) < 2:
+            return None
+        return _all(in_states) if self.kind == "multiply" else _any(in_states)
 
 
 class ChannelScaleHandler(LayerHandler):
@@ -618,16 +725,15 @@ for _cls in (L.Normalization, L.Rescaling, L.LayerNormalization, L.GroupNormaliz
 for _cls in (L.Reshape, L.Permute):
     register_handler(_cls, ReshapeHandler())
 register_handler(L.PReLU, PReLUHandler())
-for _cls in _compat.op_classes()["add"]:
-    register_handler(_cls, OpHandler(lifts_zero=True))
-for _cls in _compat.op_classes()["scale"]:
-    register_handler(_cls, OpHandler(lifts_zero=False))
+for _kind, _classes in _compat.op_classes().items():
+    for _cls in _classes:
+        register_handler(_cls, OpHandler(_kind))
 _apps = _compat.application_layers()
 if "LayerScale" in _apps:
     register_handler(_apps["LayerScale"], ChannelScaleHandler())
 if "StochasticDepth" in _apps:
     register_handler(_apps["StochasticDepth"], PassThroughHandler())
-if "CustomScaleLayer" in _apps:  # inputs[0] + inputs[1] * scale
+if "CustomScaleLayer" in _apps:  # inputs[0] + inputs[1] * scale: non-zero if either is
     register_handler(_apps["CustomScaleLayer"], ElementwiseMergeHandler())
 for _cls in (L.Activation, L.ReLU, L.LeakyReLU, L.ELU):
     register_handler(_cls, ActivationHandler())

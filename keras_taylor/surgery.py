@@ -58,7 +58,7 @@ def apply_plan(model: keras.Model, plan: PruningPlan, on_unknown: str = "error")
         kin = [np.flatnonzero(alive[m]) for m in node.in_maps]
         kout = [np.flatnonzero(alive[m]) for m in node.out_maps]
         if any(len(k) < len(m) for k, m in zip(kin + kout, node.in_maps + node.out_maps)):
-            kept[node.name] = (kin, kout)
+            kept[node.name] = (kin, kout, node.in_axes, node.out_axes)
     if gates_lib.is_gated(model):
         model = gates_lib._strip(model, check_output_gates=False)
     pending = []
@@ -68,7 +68,7 @@ def apply_plan(model: keras.Model, plan: PruningPlan, on_unknown: str = "error")
         weights = layer.get_weights()
         handler = graph_lib.get_handler(layer)
         if handler is not None and layer.name in kept:
-            config, weights = handler.slice(layer, config, weights, *kept[layer.name])
+            config, weights = handler.slice_with_layout(layer, config, weights, *kept[layer.name])
         new = layer.__class__.from_config(config)
         pending.append((new, weights))
         return new

@@ -114,3 +114,78 @@ def test_shared_layer_calls_are_tied():
     graph = kt.analyze(model)
     assert graph.num_groups == 4
     assert graph.gate_sites == ["shared"]
+
+
+# ---- zero-state dataflow: squeeze-excite channels stay prunable ------------
+
+def _se(gate_branch, merge="multiply", inline_sigmoid=True):
+    """conv-BN-swish, then x ∘ sigmoid(excite(GAP(x))), then a conv."""
+    inputs = keras.Input((8, 8, 3))
+    x = layers.Conv2D(6, 3, padding="same", use_bias=False, name="expand")(inputs)
+    x = layers.BatchNormalization(name="expand_bn")(x)
+    x = layers.Activation("swish", name="expand_act")(x)
+    s = layers.GlobalAveragePooling2D(keepdims=True, name="squeeze")(x)
+    s = layers.Conv2D(2, 1, activation="relu", name="reduce")(s)
+    if inline_sigmoid:
+        s = layers.Conv2D(6, 1, activation="sigmoid", name="excite")(s)
+    else:
+        s = layers.Conv2D(6, 1, name="excite")(s)
+        s = layers.Activation("sigmoid", name="excite_sig")(s)
+    if gate_branch:
+        s = layers.UpSampling2D(8)(s)
+    x = {"multiply": layers.Multiply, "add": layers.Add, "maximum": layers.Maximum}[merge](name="se")([x, s])
+    x = layers.Conv2D(4, 3, name="project")(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, layers.Dense(2, name="out")(x), name="se")
+
+
+@pytest.mark.parametrize("inline_sigmoid", [True, False])
+@pytest.mark.parametrize("upsample", [False, True])
+def test_squeeze_excite_channels_are_prunable_and_pruning_them_is_exact(inline_sigmoid, upsample):
+    from conftest import randomize_bn, rel_err
+
+    model = randomize_bn(_se(upsample, inline_sigmoid=inline_sigmoid))
+    gated = kt.add_gates(model)
+    graph = kt.analyze(gated)
+    expanded = graph.groups_of_layer_output("expand_bn")
+    assert (expanded >= 0).all()
+    # The excite conv and the BN carry the same groups (tied by the Multiply).
+    np.testing.assert_array_equal(graph.groups_of_layer_output("excite"), expanded)
+    assert {"expand_bn", "excite"} <= set(graph.gate_sites)
+    removed = {int(expanded[1]), int(expanded[4])}
+    for layer in gated.layers:
+        if isinstance(layer, kt.ChannelGate):
+            of = graph.groups_of_layer_output(layer.name)
+            layer.gate.assign(np.where(np.isin(of, list(removed)), 0.0, 1.0).astype("float32"))
+    pruned = kt.prune(gated)
+    assert pruned.get_layer("expand").filters == 4 and pruned.get_layer("excite").filters == 4
+    x = np.random.default_rng(0).normal(size=(3, 8, 8, 3)).astype("float32")
+    assert rel_err(pruned(x), gated(x)) <= 1e-5
+    assert rel_err(model(x), gated(x)) > 1e-3  # the check is not vacuous
+
+
+@pytest.mark.parametrize("merge", ["add", "maximum"])
+def test_sigmoid_channels_added_to_the_trunk_are_fixed(merge):
+    # x + sigmoid(s): a removed channel would be 0.5 where `project` reads it.
+    graph = kt.analyze(_se(True, merge=merge))
+    assert (graph.groups_of_layer_output("expand_bn") < 0).all()
+    reason = graph.fixed_reason[graph.comp_of[graph.first_node("expand_bn").out_maps[0][0]]]
+    assert "'project'" in reason and "sigmoid" in reason
+
+
+def test_division_and_spatial_concat_keep_non_zero_channels():
+    inputs = keras.Input((8, 8, 3))
+    a = layers.Conv2D(4, 3, padding="same", name="a")(inputs)
+    b = layers.Conv2D(4, 3, padding="same", activation="sigmoid", name="b")(inputs)
+    c = layers.Conv2D(4, 3, padding="same", name="c")(inputs)
+    q = a / c  # 0 / 0 for a removed channel
+    s = layers.Concatenate(axis=1, name="rows")([c, b])  # b's half is 0.5
+    s = layers.MaxPooling2D((2, 1))(s)
+    x = layers.Concatenate(name="cat")([q, s])
+    x = layers.Conv2D(3, 1, name="mix")(x)
+    model = keras.Model(inputs, layers.Dense(2)(layers.GlobalAveragePooling2D()(x)))
+    graph = kt.analyze(model)
+    assert (graph.groups_of_layer_output("a") < 0).all()
+    assert (graph.groups_of_layer_output("b") < 0).all()
+    assert (graph.groups_of_layer_output("c") < 0).all()
+    assert (graph.groups_of_layer_output("mix") >= 0).all()
