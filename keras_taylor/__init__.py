@@ -23,6 +23,7 @@ from keras_taylor.handlers import Cost, LayerHandler, register_handler
 from keras_taylor.plan import PruningPlan
 from keras_taylor.scoring import TaylorScorer
 from keras_taylor.surgery import apply_plan, prune
+from keras_taylor.nesting import inline_nested_models
 
 __version__ = "0.1.0"
 
@@ -41,6 +42,7 @@ __all__ = [
     "analyze",
     "apply_plan",
     "gate_values",
+    "inline_nested_models",
     "is_gated",
     "profile",
     "prune",

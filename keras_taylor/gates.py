@@ -27,6 +27,7 @@ import numpy as np
 from keras import ops
 
 from keras_taylor import graph as graph_lib
+from keras_taylor import nesting
 
 _MODES = ("params", "output")
 
@@ -197,7 +198,8 @@ def add_gates(model: keras.Model, on_unknown: str = "error") -> keras.Model:
     Returns:
         A new `keras.Model` of the same class (Functional or Sequential) whose
         gated layers are wrapped in `ChannelGate`, every gate at 1. It computes
-        the same function as `model`.
+        the same function as `model`. Models nested as layers are inlined
+        (see `keras_taylor.nesting`): the gated model is one flat graph.
 
     Raises:
         ValueError: if the model cannot be analysed (see `analyze`), or is
@@ -208,6 +210,7 @@ def add_gates(model: keras.Model, on_unknown: str = "error") -> keras.Model:
             "Expected a model without gates. Received: model="
             f"{model.name!r}, which already holds ChannelGate layers."
         )
+    model = nesting.inline_nested_models(model)  # the gated copy is flat
     graph = graph_lib.analyze(model, on_unknown=on_unknown)
     sites = set(graph.gate_sites)
     pairs = []

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import keras
 import numpy as np
 
-from keras_taylor import _compat
+from keras_taylor import _compat, nesting
 from keras_taylor.handlers import AnalysisContext, LayerHandler, get_handler
 
 _ON_UNKNOWN = ("error", "freeze")
@@ -265,6 +265,8 @@ def analyze(model: keras.Model, on_unknown: str = "error") -> ChannelGraph:
 
     Args:
         model: a built Functional or Sequential `keras.Model` (gated or not).
+            Models nested in it as layers are read as if inlined, under the
+            names `keras_taylor.nesting.inline_nested_models` gives them.
         on_unknown: what to do with a layer that has no handler while channels
             that could otherwise be pruned flow into it: `"error"` raises,
             `"freeze"` keeps those channels. Defaults to `"error"`.
@@ -279,6 +281,7 @@ def analyze(model: keras.Model, on_unknown: str = "error") -> ChannelGraph:
     """
     if on_unknown not in _ON_UNKNOWN:
         raise ValueError(f"Expected on_unknown in {_ON_UNKNOWN}. Received: on_unknown={on_unknown!r}")
+    model = nesting.inline_nested_models(model)  # analyse sub-models' layers in place
     uf = _UnionFind()
     maps: dict = {}  # id(KerasTensor) -> channel map
     axes: dict = {}  # id(KerasTensor) -> channel axis (None: one channel)

@@ -14,6 +14,7 @@ import numpy as np
 
 from keras_taylor import gates as gates_lib
 from keras_taylor import graph as graph_lib
+from keras_taylor import nesting
 from keras_taylor.plan import PruningPlan
 
 
@@ -37,6 +38,7 @@ def apply_plan(model: keras.Model, plan: PruningPlan, on_unknown: str = "error")
     if not isinstance(plan, PruningPlan):
         raise TypeError(f"Expected a keras_taylor.PruningPlan. Received: plan={plan!r}")
     # Analyse (and validate the plan) before building anything.
+    model = nesting.inline_nested_models(model)  # the pruned model is flat
     graph = graph_lib.analyze(model, on_unknown=on_unknown)
     removed = plan.removed_groups(graph)
     alive = graph.alive_ids(removed)
