@@ -16,6 +16,11 @@ def functional_of(model: keras.Model):
         ValueError: if `model` has no static graph (a subclassed model, or a
             Sequential model that was never built on an input shape).
     """
+    if not isinstance(model, keras.Model):
+        raise ValueError(
+            "Expected a Functional or Sequential keras.Model. Received: "
+            f"model={getattr(model, 'name', model)!r} of class {type(model).__name__}."
+        )
     if isinstance(model, keras.Sequential):
         fn = getattr(model, "_functional", None)
         if fn is None:

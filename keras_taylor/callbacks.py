@@ -15,6 +15,7 @@ import logging
 import keras
 import numpy as np
 
+from keras_taylor import criteria as criteria_lib
 from keras_taylor import graph as graph_lib
 from keras_taylor.flops import CostModel, removed_groups_from_gates
 from keras_taylor.gates import gate_layers, is_gated
@@ -96,9 +97,11 @@ class TaylorPruning(keras.callbacks.Callback):
         for arg, value, low in (("prune_every", prune_every, 1), ("min_channels", min_channels, 1), ("start_step", start_step, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"Expected {arg} to be an integer >= {low}. Received: {arg}={value!r}")
-        if channels_per_step is not None and (not isinstance(channels_per_step, int) or channels_per_step < 1):
+        if channels_per_step is not None and (
+            isinstance(channels_per_step, bool) or not isinstance(channels_per_step, int) or channels_per_step < 1
+        ):
             raise ValueError(f"Expected channels_per_step to be an integer >= 1. Received: channels_per_step={channels_per_step!r}")
-        if not 0.0 <= momentum < 1.0:
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
             raise ValueError(f"Expected momentum in [0, 1). Received: momentum={momentum!r}")
         self.target = float(target)
         self.metric = metric
@@ -107,6 +110,7 @@ class TaylorPruning(keras.callbacks.Callback):
         self.momentum = float(momentum)
         self.min_channels = min_channels
         self.start_step = start_step
+        criteria_lib.get(criterion)  # refuse an unknown criterion now, not at fit time
         self.criterion = criterion
         self._graph = None
         self._scorer = None

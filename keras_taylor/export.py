@@ -14,6 +14,8 @@ be exported as extra variables and multiplications. Fold them first with
 
 from __future__ import annotations
 
+import os
+
 import re
 from typing import Any
 
@@ -118,6 +120,15 @@ def export_saved_model(
         )
     if not isinstance(atol, (int, float)) or atol < 0:
         raise ValueError(f"Expected atol >= 0. Received: atol={atol!r}.")
+    if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
+        raise ValueError(
+            f"Expected path to be a non-empty directory path. Received: path={path!r}."
+        )
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(
+            f"Expected path to be a directory (new or existing). Received: "
+            f"path={str(path)!r}, which is a file."
+        )
 
     inputs, functional = _model_inputs(model)
     names = _input_names(model, inputs, functional, input_name)

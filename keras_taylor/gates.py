@@ -26,6 +26,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_taylor import _compat
 from keras_taylor import graph as graph_lib
 from keras_taylor import nesting
 
@@ -139,6 +140,11 @@ class ChannelGate(keras.layers.Wrapper):
 
 def is_gated(model: keras.Model) -> bool:
     """True if any layer of `model` is a `ChannelGate`."""
+    if not isinstance(model, keras.Model):
+        raise ValueError(
+            "Expected a Functional or Sequential keras.Model. Received: "
+            f"model={getattr(model, 'name', model)!r} of class {type(model).__name__}."
+        )
     return any(isinstance(l, ChannelGate) for l in model.layers)
 
 
@@ -167,12 +173,19 @@ def _call_accepting(layer, *args, **kwargs):
 def clone_with(model: keras.Model, clone_function) -> keras.Model:
     """`keras.models.clone_model` that tolerates swapping layer classes.
 
-    Stateless `keras.ops` nodes (`x + 3.0`) are reused as they are;
+    Stateless `keras.ops` nodes (`x + 3.0`) are copied from their config;
     `clone_function` sees only layers.
     """
 
     def clone(op):
-        return clone_function(op) if isinstance(op, keras.layers.Layer) else op
+        if isinstance(op, keras.layers.Layer):
+            return clone_function(op)
+        # A stateless `keras.ops` node: a fresh copy, so the user's model does
+        # not gain call history; reused when it cannot be rebuilt.
+        try:
+            return op.__class__.from_config(op.get_config())
+        except Exception:
+            return op
 
     if isinstance(model, keras.Sequential):
         return keras.models.clone_model(model, clone_function=clone)
@@ -249,6 +262,17 @@ def strip_gates(model: keras.Model) -> keras.Model:
 
 
 def _strip(model: keras.Model, check_output_gates: bool) -> keras.Model:
+    _compat.functional_of(model)  # a clear error for what cannot be cloned
+    if check_output_gates:  # refuse before building anything
+        for wrapper in gate_layers(model):
+            gate = keras.ops.convert_to_numpy(wrapper.gate.value)
+            if wrapper.mode == "output" and not np.all(gate == 1.0):
+                raise ValueError(
+                    f"Cannot fold the gate of layer {wrapper.name!r} into its "
+                    "parameters: it multiplies the layer's output and has values "
+                    "other than 1. Use `keras_taylor.prune(model)` to remove the "
+                    "gated channels instead."
+                )
     pairs = []
     folds = []
 
@@ -267,13 +291,6 @@ def _strip(model: keras.Model, check_output_gates: bool) -> keras.Model:
         gate = keras.ops.convert_to_numpy(wrapper.gate.value)
         inner = wrapper.layer
         scaled = {id(v) for v in wrapper._handler.gate_variables(inner)} if wrapper.mode == "params" else set()
-        if wrapper.mode == "output" and check_output_gates and not np.all(gate == 1.0):
-            raise ValueError(
-                f"Cannot fold the gate of layer {wrapper.name!r} into its "
-                "parameters: it multiplies the layer's output and has values "
-                "other than 1. Use `keras_taylor.prune(model)` to remove the "
-                "gated channels instead."
-            )
         weights = [
             keras.ops.convert_to_numpy(
                 wrapper._handler.gate_scale(inner, v, v.value, gate.astype(v.dtype)) if id(v) in scaled else v.value

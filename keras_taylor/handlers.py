@@ -441,23 +441,48 @@ class ElementwiseMergeHandler(LayerHandler):
 
     A removed channel is zero after `Multiply` if it is zero in any input
     (the squeeze-excite `x * sigmoid(s)`), after the others only if it is zero
-    in every input.
+    in every input. An input with one channel broadcast over the others (a
+    spatial-attention map, `x * sigmoid(conv_1ch(x))`) keeps its channel and
+    acts as a non-zero factor or term.
     """
 
-    def combine(self, layer, in_states, in_shapes, out_shapes):
-        return _all(in_states) if isinstance(layer, keras.layers.Multiply) else _any(in_states)
+    @staticmethod
+    def _broadcast(in_shapes, out_shapes) -> list:
+        width = out_shapes[0][-1] if len(out_shapes[0]) > 1 else 1
+        return [width > 1 and (len(s) <= 1 or s[-1] == 1) for s in in_shapes]
 
     def propagate(self, layer, in_maps, in_shapes, out_shapes, ctx):
-        sizes = {len(m) for m in in_maps}
-        if len(sizes) != 1:
+        broadcast = self._broadcast(in_shapes, out_shapes)
+        full = [m for m, b in zip(in_maps, broadcast) if not b]
+        if len({len(m) for m in full}) != 1:
             raise ValueError(
-                f"Broadcasting merges are not supported yet. Received: layer "
-                f"{layer.name!r} ({type(layer).__name__}) with input channel "
-                f"counts {[len(m) for m in in_maps]}."
+                f"Expected the inputs of layer {layer.name!r} "
+                f"({type(layer).__name__}) to have the same number of channels, "
+                "or one channel broadcast over the others. Received: input "
+                f"channel counts {[len(m) for m in in_maps]}."
             )
-        for other in in_maps[1:]:
-            ctx.tie(in_maps[0], other)
-        return [in_maps[0]]
+        for m, b in zip(in_maps, broadcast):
+            if b:
+                ctx.fix(m, f"{layer.name!r} broadcasts it over the channels of its other inputs")
+        for other in full[1:]:
+            ctx.tie(full[0], other)
+        return [full[0]]
+
+    @staticmethod
+    def _has_broadcast(in_shapes) -> bool:
+        widths = [s[-1] if len(s) > 1 else 1 for s in in_shapes]
+        return max(widths) > 1 and min(widths) == 1
+
+    def lifts_zero(self, layer, in_shapes):
+        if not isinstance(layer, keras.layers.Multiply) and self._has_broadcast(in_shapes):
+            return f"{layer.name!r} adds a channel broadcast over the others"
+        return None
+
+    def combine(self, layer, in_states, in_shapes, out_shapes):
+        broadcast = self._broadcast(in_shapes, out_shapes)
+        full = [st for st, b in zip(in_states, broadcast) if not b]
+        # A broadcast factor is some fixed value: zero times it stays zero.
+        return _all(full) if isinstance(layer, keras.layers.Multiply) else _any(full)
 
 
 class ConcatenateHandler(LayerHandler):
@@ -623,12 +648,16 @@ class OpHandler(LayerHandler):
             return f"{layer.name!r} divides, maybe by a removed (zero) channel"
         if self.kind == "add" and len(in_shapes) == 1:
             return f"{layer.name!r} adds a constant"
+        if self.kind == "add" and ElementwiseMergeHandler._has_broadcast(in_shapes):
+            return f"{layer.name!r} adds a channel broadcast over the others"
         return None
 
     def combine(self, layer, in_states, in_shapes, out_shapes):
         if len(in_states) < 2:
             return None
-        return _all(in_states) if self.kind == "multiply" else _any(in_states)
+        broadcast = ElementwiseMergeHandler._broadcast(in_shapes, out_shapes)
+        full = [st for st, b in zip(in_states, broadcast) if not b]
+        return _all(full) if self.kind == "multiply" else _any(full)
 
 
 class ChannelScaleHandler(LayerHandler):

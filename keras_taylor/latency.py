@@ -52,8 +52,19 @@ def measure_latency(
     Raises:
         ValueError: if `models` is empty or `reference` is not one of them.
     """
+    if not isinstance(models, dict):
+        raise ValueError(
+            "Expected models to be a {name: keras.Model} mapping. Received: "
+            f"models={str(models)[:200]}"
+        )
     if not models:
         raise ValueError("Expected at least one model. Received: models={}")
+    for name, m in models.items():
+        if not isinstance(m, keras.Model):
+            raise ValueError(
+                f"Expected every value of models to be a keras.Model. Received: "
+                f"models[{name!r}]={str(m)[:100]!r} of class {type(m).__name__}."
+            )
     names = list(models)
     reference = reference or names[0]
     if reference not in models:

@@ -12,10 +12,15 @@ import json
 from dataclasses import dataclass, field
 
 import keras
+import numpy as np
 
 from keras_taylor import graph as graph_lib
 
 FORMAT = "keras_taylor.plan/1"
+
+
+def _is_index(i) -> bool:
+    return isinstance(i, (int, np.integer)) and not isinstance(i, bool)
 
 
 @dataclass
@@ -29,6 +34,26 @@ class PruningPlan:
 
     removed: dict = field(default_factory=dict)
     model_name: str = ""
+
+    def __post_init__(self):
+        if not isinstance(self.removed, dict):
+            raise ValueError(
+                "Expected 'removed' to map layer names to lists of integer "
+                f"channel indices. Received: removed={str(self.removed)[:200]}"
+            )
+        for name, idx in self.removed.items():
+            if not isinstance(name, str) or isinstance(idx, (str, bytes)) or not hasattr(idx, "__iter__"):
+                raise ValueError(
+                    "Expected 'removed' to map layer names to lists of integer "
+                    f"channel indices. Received: {name!r}: {str(idx)[:100]}"
+                )
+            bad = [i for i in idx if not _is_index(i)]
+            if bad:
+                raise ValueError(
+                    f"Expected integer channel indices for layer {name!r}. "
+                    f"Received: {bad[:5]}"
+                )
+        self.removed = {k: sorted(int(i) for i in v) for k, v in self.removed.items()}
 
     # ---- construction ---------------------------------------------------
     @classmethod
@@ -105,7 +130,7 @@ class PruningPlan:
             )
         removed = data.get("removed")
         if not isinstance(removed, dict) or not all(
-            isinstance(k, str) and isinstance(v, list) and all(isinstance(i, int) for i in v)
+            isinstance(k, str) and isinstance(v, list) and all(_is_index(i) for i in v)
             for k, v in removed.items()
         ):
             raise ValueError(
@@ -132,4 +157,8 @@ class PruningPlan:
     @classmethod
     def load(cls, path: str) -> "PruningPlan":
         with open(path) as f:
-            return cls.from_json(f.read())
+            text = f.read()
+        try:
+            return cls.from_json(text)
+        except ValueError as e:
+            raise ValueError(f"{e} (in {str(path)!r})") from e

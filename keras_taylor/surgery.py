@@ -91,10 +91,10 @@ def prune(model: keras.Model, on_unknown: str = "error") -> keras.Model:
     Returns:
         A new, smaller model of stock Keras layers.
     """
-    if not gates_lib.is_gated(model):
+    if not isinstance(model, keras.Model) or not gates_lib.is_gated(model):
         raise ValueError(
             "Expected a gated model (from `keras_taylor.add_gates`). Received: "
-            f"model={model.name!r} without ChannelGate layers; use "
+            f"model={getattr(model, 'name', model)!r} without ChannelGate layers; use "
             "`apply_plan(model, plan)` for an ungated model."
         )
     return apply_plan(model, PruningPlan.from_gates(model), on_unknown=on_unknown)

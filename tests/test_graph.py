@@ -189,3 +189,31 @@ def test_division_and_spatial_concat_keep_non_zero_channels():
     assert (graph.groups_of_layer_output("b") < 0).all()
     assert (graph.groups_of_layer_output("c") < 0).all()
     assert (graph.groups_of_layer_output("mix") >= 0).all()
+
+
+@pytest.mark.parametrize("merge", ["multiply", "add"])
+def test_one_channel_broadcast_over_the_others(merge):
+    """Spatial attention `x * sigmoid(conv_1ch(x))` (CBAM): the map keeps its
+    one channel; x's channels stay prunable behind a Multiply, not an Add."""
+    from conftest import randomize_bn, rel_err
+
+    inputs = keras.Input((8, 8, 3))
+    x = layers.Conv2D(6, 3, padding="same", use_bias=False, name="c")(inputs)
+    x = layers.BatchNormalization(name="bn")(x)
+    x = layers.ReLU()(x)
+    a = layers.Conv2D(1, 3, padding="same", activation="sigmoid", name="attn")(x)
+    x = (layers.Multiply if merge == "multiply" else layers.Add)(name="m")([x, a])
+    x = layers.Conv2D(4, 3, name="next")(x)
+    model = randomize_bn(keras.Model(inputs, layers.Dense(2, name="out")(layers.GlobalAveragePooling2D()(x))))
+    graph = kt.analyze(model)
+    assert (graph.groups_of_layer_output("attn") < 0).all()
+    if merge == "add":
+        assert (graph.groups_of_layer_output("bn") < 0).all()
+        return
+    assert (graph.groups_of_layer_output("bn") >= 0).all()
+    gated = kt.add_gates(model)
+    gated.get_layer("bn").gate.assign(np.array([1, 0, 1, 1, 0, 1], "float32"))
+    pruned = kt.prune(gated)
+    assert pruned.get_layer("c").filters == 4
+    x = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype("float32")
+    assert rel_err(pruned(x), gated(x)) <= 1e-5 and rel_err(model(x), gated(x)) > 1e-3
