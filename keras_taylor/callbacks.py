@@ -150,14 +150,31 @@ class TaylorPruning(keras.callbacks.Callback):
         self._model_id = id(model)
         self._creating = list(graph.creating_layers().items())
         self._base = self._measure(np.ones(len(graph.comp_of), dtype=bool))
-        self.removed = sorted(removed_groups_from_gates(model, graph))
-        self.ema = np.zeros(graph.num_groups)
-        self._ema_started = np.zeros(graph.num_groups, dtype=bool)
         self._layer_of_group = self._group_layer_counts(graph)
         n = self.channels_per_step
         if n is None:
             n = max(1, int(round(_PAPER_CHANNELS_PER_STEP * graph.num_groups / _PAPER_GATED_CHANNELS)))
         self._per_step = n
+        self.removed = []
+        self._load_state()
+
+    def _load_state(self) -> None:
+        """Reads the pruning state the gated model carries (one host read).
+
+        Gates, score window, EMA and counters are variables of the model's
+        `ChannelGate` layers, so a checkpoint restored by `BackupAndRestore`,
+        `load_weights` or `keras.saving.load_model` resumes the run where it
+        was saved.
+        """
+        graph, model = self._graph, self.model
+        gone = sorted(removed_groups_from_gates(model, graph))
+        if sorted(self.removed) != gone:  # keep the removal order when it is ours
+            self.removed = gone
+        counters = self._scorer.counters()
+        self._step = int(counters["batches"])
+        self._last_event = int(counters["last_event"])
+        self.ema = self._scorer.read_ema()
+        self._ema_started = np.full(graph.num_groups, counters["events"] > 0)
         self.done = self._fraction(graph.alive_ids(self.removed)) <= self.target
 
     @staticmethod
@@ -183,11 +200,22 @@ class TaylorPruning(keras.callbacks.Callback):
     # ---- Keras hooks -------------------------------------------------------------
     def on_train_begin(self, logs=None):
         self._setup()
+        self._synced = False
         if not self.done:
             self._scorer.install()
             self._installed = True
 
     def on_epoch_begin(self, epoch, logs=None):
+        if not self._synced:
+            # After every callback's on_train_begin: BackupAndRestore may have
+            # just restored the weights, and with them the pruning state.
+            self._load_state()
+            self._synced = True
+            if self.done:
+                self._uninstall()
+            elif not self._installed:
+                self._scorer.install()
+                self._installed = True
         self._epoch_base = self._step
 
     def on_train_batch_end(self, batch, logs=None):
@@ -221,6 +249,7 @@ class TaylorPruning(keras.callbacks.Callback):
         self._last_event = self._step
         if steps == 0:
             logger.warning("keras_taylor: no finite scores in the last %d minibatches; not pruning.", self.prune_every)
+            self._scorer.write_state(self.ema, step=self._step, events_increment=0)
             return
         fresh = ~self._ema_started
         self.ema = np.where(fresh, scores, self.momentum * self.ema + (1.0 - self.momentum) * scores)
@@ -254,6 +283,7 @@ class TaylorPruning(keras.callbacks.Callback):
             )
         self.removed.extend(taken)
         self._set_gates(removed)
+        self._scorer.write_state(self.ema, step=self._step, events_increment=1)
         frac = self._measure(graph.alive_ids(removed))
         record = {
             "step": self._step,

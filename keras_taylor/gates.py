@@ -32,14 +32,25 @@ from keras_taylor import nesting
 
 _MODES = ("params", "output")
 
+#: Slots of `ChannelGate.counters` (kept up to date on the model's first gate):
+#: minibatches scored since the last pruning step, minibatches skipped for
+#: non-finite gradients, minibatches seen, step of the last pruning event,
+#: pruning events so far.
+COUNTERS = ("window_steps", "skipped", "batches", "last_event", "events")
+
 
 @keras.saving.register_keras_serializable(package="keras_taylor")
 class ChannelGate(keras.layers.Wrapper):
     """Puts a per-channel gate on the output channels of a layer.
 
+    Besides the gate itself (`gate`, 1 = kept, 0 = pruned), each wrapper
+    holds its channels' pruning state as non-trainable variables (`score`,
+    `ema`, `counters`), so every checkpoint of a gated model carries the
+    pruning run with it.
+
     Args:
         layer: the `keras.layers.Layer` to wrap (Conv, Dense or
-            BatchNormalization, channels last).
+            BatchNormalization).
         mode: `"params"` scales the layer's channel parameters by the gate,
             `"output"` multiplies the layer's output. Defaults to `"params"`
             when the layer allows it.
@@ -81,14 +92,15 @@ class ChannelGate(keras.layers.Wrapper):
         self._axis = graph_lib._declared_axis(self.layer, len(out_shape))
         if self._axis is None:
             self._axis = len(out_shape) - 1
-        self.gate = self.add_weight(
-            name="gate",
-            shape=(int(out_shape[self._axis]),),
-            initializer="ones",
-            trainable=False,
-            dtype="float32",
-            autocast=False,
-        )
+        channels = int(out_shape[self._axis])
+        state = dict(trainable=False, dtype="float32", autocast=False, aggregation="only_first_replica")
+        self.gate = self.add_weight(name="gate", shape=(channels,), initializer="ones", **state)
+        # Pruning state, saved with every checkpoint of the model so a run
+        # can resume mid-pruning (see `TaylorPruning`): the running score sum
+        # and the EMA of each channel's group, and run counters.
+        self.score = self.add_weight(name="score", shape=(channels,), initializer="zeros", **state)
+        self.ema = self.add_weight(name="ema", shape=(channels,), initializer="zeros", **state)
+        self.counters = self.add_weight(name="counters", shape=(len(COUNTERS),), initializer="zeros", **state)
         self.built = True
 
     @property

@@ -22,22 +22,21 @@ from keras import ops
 
 from keras_taylor import _compat
 from keras_taylor import criteria as criteria_lib
-from keras_taylor.gates import gate_layers
+from keras_taylor.gates import COUNTERS, gate_layers
 from keras_taylor.graph import ChannelGraph
 
 
 class TaylorScorer:
     """Accumulates per-group importance of a gated model inside its train step.
 
+    The running sums live in the model's `ChannelGate` layers (`score`, one
+    copy per member channel of a group, and `counters` on the first gate), so
+    that they are saved and restored with the model's weights.
+
     Args:
         model: a gated, compiled model.
         graph: its `ChannelGraph` (from `analyze(model)`).
         criterion: a criterion id or `Criterion`. Defaults to `"taylor_fo_bn"`.
-
-    Attributes:
-        score_sum: float32 variable `(num_groups,)`, sum of per-batch scores.
-        steps: float32 variable, minibatches accumulated since the last reset.
-        skipped: float32 variable, minibatches skipped for non-finite gradients.
     """
 
     def __init__(self, model: keras.Model, graph: ChannelGraph, criterion="taylor_fo_bn"):
@@ -45,17 +44,22 @@ class TaylorScorer:
         self.criterion = criteria_lib.get(criterion)
         self.gates = gate_layers(model)
         self.num_groups = graph.num_groups
-        seg = np.concatenate([graph.groups_of_layer_output(l.name) for l in self.gates])
+        per_gate = [graph.groups_of_layer_output(l.name) for l in self.gates]
+        seg = np.concatenate(per_gate)
         seg[seg < 0] = self.num_groups  # fixed channels go to a dropped segment
         self._segment_ids = seg.astype("int32")
+        # For each gate, the group of each channel (num_groups: fixed).
+        self._gate_groups = [np.where(g >= 0, g, self.num_groups).astype("int32") for g in per_gate]
+        # Where to read each group back: its first member (gate, channel).
+        first = np.full((self.num_groups, 2), -1, dtype=np.int64)
+        for i, g in enumerate(per_gate):
+            for ch in np.flatnonzero(g >= 0)[::-1].tolist():
+                first[g[ch]] = (i, ch)
+        self._first_member = first
         self._scoring_function = None
         self._own_function = None
         self._cache_key = None
-        with model.distribute_strategy.scope():
-            kw = dict(trainable=False, dtype="float32", autocast=False, aggregation="only_first_replica")
-            self.score_sum = keras.Variable(np.zeros(self.num_groups, "float32"), name="taylor_score_sum", **kw)
-            self.steps = keras.Variable(0.0, name="taylor_steps", **kw)
-            self.skipped = keras.Variable(0.0, name="taylor_skipped", **kw)
+        self._counters = self.gates[0].counters
 
     # ---- in-graph ------------------------------------------------------------
     def group_gate_grads(self, gate_grads):
@@ -64,17 +68,30 @@ class TaylorScorer:
         summed = ops.segment_sum(flat, ops.convert_to_tensor(self._segment_ids), num_segments=self.num_groups + 1)
         return summed[: self.num_groups]
 
-    def accumulate(self, gate_grads):
-        """Adds one minibatch's scores (in-graph). Skips batches with NaN/Inf."""
+    def accumulate(self, gate_grads, batch_finite=None):
+        """Adds one minibatch's scores (in-graph). Skips batches with NaN/Inf.
+
+        `batch_finite` (optional boolean scalar): when false, the batch is
+        skipped too, as a `LossScaleOptimizer` skips a step whose weight
+        gradients overflowed even where the gate gradients did not.
+        """
         group_grad = self.group_gate_grads(gate_grads)
         ctx = tf.distribute.get_replica_context()
-        if ctx is not None and ctx.num_replicas_in_sync > 1:
+        multi = ctx is not None and ctx.num_replicas_in_sync > 1
+        if multi:
             group_grad = ctx.all_reduce(tf.distribute.ReduceOp.SUM, group_grad)
-        score = self.criterion.batch_score(group_grad)
+        score = ops.cast(self.criterion.batch_score(group_grad), "float32")
         finite = ops.all(ops.isfinite(score))
-        self.score_sum.assign_add(ops.where(finite, score, ops.zeros_like(score)))
-        self.steps.assign_add(ops.where(finite, 1.0, 0.0))
-        self.skipped.assign_add(ops.where(finite, 0.0, 1.0))
+        if batch_finite is not None:
+            bad = ops.where(batch_finite, 0.0, 1.0)
+            if multi:  # any replica's overflow skips the global step
+                bad = ctx.all_reduce(tf.distribute.ReduceOp.SUM, bad)
+            finite = ops.logical_and(finite, ops.equal(bad, 0.0))
+        padded = ops.concatenate([ops.where(finite, score, ops.zeros_like(score)), ops.zeros((1,), "float32")])
+        for gate, groups in zip(self.gates, self._gate_groups):
+            gate.score.assign_add(ops.take(padded, ops.convert_to_tensor(groups)))
+        one = ops.where(finite, 1.0, 0.0)
+        self._counters.assign_add(ops.stack([one, 1.0 - one, 1.0, 0.0, 0.0]))
 
     def train_step(self, data):
         """The Keras TensorFlow `train_step`, plus gate gradients and scoring."""
@@ -97,25 +114,78 @@ class TaylorScorer:
                 loss = model.optimizer.scale_loss(loss)
         weights = model.trainable_weights
         grads = tape.gradient(loss, list(weights) + gate_vars)
+        # Loss scaling (mixed precision) scales every gradient: undo it with
+        # the scale read now, before `apply_gradients`, where a
+        # LossScaleOptimizer halves it (overflow) or doubles it (growth).
+        scale = model.optimizer.scale_loss(1.0) if model.optimizer is not None else 1.0
         model.optimizer.apply_gradients(zip(grads[: len(weights)], weights))
         gate_grads = grads[len(weights):]
-        # Loss scaling (mixed precision) scales every gradient: undo it.
-        scale = model.optimizer.scale_loss(1.0) if model.optimizer is not None else 1.0
+        batch_finite = None
         if not (isinstance(scale, (int, float)) and scale == 1.0):
             gate_grads = [g / ops.cast(scale, g.dtype) for g in gate_grads]
-        self.accumulate(gate_grads)
+            # Skip the steps the optimizer skips (non-finite weight gradients).
+            checks = [ops.all(ops.isfinite(g)) for g in grads[: len(weights)] if g is not None]
+            batch_finite = ops.all(ops.stack(checks)) if checks else None
+        self.accumulate(gate_grads, batch_finite)
         return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
     # ---- host ------------------------------------------------------------------
+    @property
+    def steps(self):
+        """Minibatches scored since the last reset (a tensor)."""
+        return self._counters[0]
+
+    @property
+    def skipped(self):
+        """Minibatches skipped for non-finite gradients, in all (a tensor)."""
+        return self._counters[1]
+
+    def counters(self) -> dict:
+        """The run counters, as Python numbers (host sync)."""
+        values = keras.ops.convert_to_numpy(self._counters.value).tolist()
+        return dict(zip(COUNTERS, values))
+
+    def _per_group(self, attr: str) -> np.ndarray:
+        values = [keras.ops.convert_to_numpy(getattr(g, attr).value) for g in self.gates]
+        out = np.zeros(self.num_groups, dtype="float64")
+        for i, v in enumerate(values):
+            rows = np.flatnonzero(self._first_member[:, 0] == i)
+            out[rows] = v[self._first_member[rows, 1]]
+        return out
+
     def read(self) -> tuple:
         """Returns `(mean score per group, minibatches)` since the last reset (host sync)."""
-        steps = float(keras.ops.convert_to_numpy(self.steps.value))
-        total = keras.ops.convert_to_numpy(self.score_sum.value).astype("float64")
+        steps = float(keras.ops.convert_to_numpy(self.steps))
+        total = self._per_group("score")
         return (total / steps if steps > 0 else total), steps
 
+    def read_ema(self) -> np.ndarray:
+        """The EMA of the scores per group, as stored in the gates."""
+        return self._per_group("ema")
+
+    def write_window(self, score_sum, steps) -> None:
+        """Sets the running score sums per group and the minibatch count."""
+        padded = np.concatenate([np.asarray(score_sum, "float32"), np.zeros(1, "float32")])
+        for gate, groups in zip(self.gates, self._gate_groups):
+            gate.score.assign(padded[groups])
+        c = keras.ops.convert_to_numpy(self._counters.value).copy()
+        c[0] = steps
+        self._counters.assign(c)
+
+    def write_state(self, ema, step: int, events_increment: int) -> None:
+        """Stores the EMA per group and the event counters in the gates."""
+        padded = np.concatenate([np.asarray(ema, "float32"), np.zeros(1, "float32")])
+        for gate, groups in zip(self.gates, self._gate_groups):
+            gate.ema.assign(padded[groups])
+        c = keras.ops.convert_to_numpy(self._counters.value).copy()
+        c[COUNTERS.index("batches")] = step
+        c[COUNTERS.index("last_event")] = step
+        c[COUNTERS.index("events")] += events_increment
+        self._counters.assign(c)
+
     def reset(self) -> None:
-        self.score_sum.assign(np.zeros(self.num_groups, "float32"))
-        self.steps.assign(0.0)
+        """Clears the score window (sums and minibatch count)."""
+        self.write_window(np.zeros(self.num_groups, "float32"), 0.0)
 
     def install(self) -> None:
         """Makes `model.fit` run the scoring train step.
