@@ -60,6 +60,29 @@ def lively_statistics(model, seed=0):
             layer.set_weights(new)
 
 
+def random_groups(graph, fraction, rng) -> set:
+    """A random `fraction` of `graph`'s groups, drawn so that every
+    channel-making layer keeps at least one channel."""
+    left = {}  # layer -> live channels
+    holds: list = [[] for _ in range(graph.num_groups)]  # group -> [(layer, channels)]
+    for name, out_map in graph.creating_layers().items():
+        groups = graph.group_of_comp[graph.comp_of[out_map]]
+        left[name] = len(groups)
+        uniq, counts = np.unique(groups[groups >= 0], return_counts=True)
+        for g, c in zip(uniq.tolist(), counts.tolist()):
+            holds[g].append((name, c))
+    want = max(1, int(fraction * graph.num_groups))
+    removed = set()
+    for g in rng.permutation(graph.num_groups).tolist():
+        if len(removed) >= want:
+            break
+        if all(left[name] > c for name, c in holds[g]):
+            for name, c in holds[g]:
+                left[name] -= c
+            removed.add(g)
+    return removed
+
+
 def prune_application(fn, size=None, seed=0, fraction=0.3) -> dict:
     """Builds `fn` (weights=None, logits), gates it, removes a random `fraction`
     of its channel groups (every layer keeps a channel), applies surgery, and
@@ -82,9 +105,7 @@ def prune_application(fn, size=None, seed=0, fraction=0.3) -> dict:
     gated = kt.add_gates(model)
     graph = kt.analyze(gated)
     rng = np.random.default_rng(seed)
-    removed = set(rng.choice(graph.num_groups, size=max(1, int(fraction * graph.num_groups)), replace=False).tolist())
-    if min(graph.layer_channel_counts(removed).values()) == 0:  # keep every layer alive
-        removed = {g for g in removed if all(graph.layer_channel_counts({g}).values())}
+    removed = random_groups(graph, fraction, rng)
     for layer in gated.layers:
         if isinstance(layer, kt.ChannelGate):
             of = graph.groups_of_layer_output(layer.name)
