@@ -95,12 +95,30 @@ def call_has_training_arg(model) -> bool:
 def op_classes() -> dict:
     """`keras.ops` operations that appear as nodes when a functional model uses
     `x + 3`, `x * y`, ... on symbolic tensors (MobileNetV3's hard-sigmoid)."""
+    from keras.src.ops import core, nn
     from keras.src.ops import numpy as knp
+
+    def found(module, names):
+        return tuple(getattr(module, n) for n in names if hasattr(module, n))
 
     return {
         "add": (knp.Add, knp.Subtract),
         "multiply": (knp.Multiply,),
         "divide": (knp.Divide, knp.TrueDivide),
+        "extremum": found(knp, ("Maximum", "Minimum")),
+        # Element-wise functions with f(0) = 0 (`ops.relu6(x)`, `ops.tanh(x)`).
+        "zero_preserving": found(nn, (
+            "Relu", "Relu6", "Silu", "LeakyRelu", "HardSilu", "Elu", "Selu", "Gelu",
+            "Celu", "HardTanh", "HardShrink", "SoftShrink", "TanhShrink", "Softsign",
+        )) + found(knp, (
+            "Tanh", "Abs", "Absolute", "Square", "Sqrt", "Negative", "Sin", "Sinh",
+            "Tan", "Arctan", "Arcsinh", "Expm1", "Log1p", "Sign", "Floor", "Ceil", "Round",
+        )) + found(core, ("Cast",)),
+        # Element-wise functions with f(0) != 0 (`ops.sigmoid(x)`, `ops.exp(x)`).
+        "lifting": found(nn, (
+            "Sigmoid", "HardSigmoid", "SparseSigmoid", "Softplus", "LogSigmoid",
+            "Squareplus", "SparsePlus",
+        )) + found(knp, ("Exp", "Cos", "Cosh", "Clip")),
     }
 
 

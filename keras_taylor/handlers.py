@@ -626,16 +626,20 @@ class PReLUHandler(LayerHandler):
 
 
 class OpHandler(LayerHandler):
-    """A `keras.ops` node in a functional graph (`x + 3.0`, `x * y`, `x / 6`).
+    """A `keras.ops` node in a functional graph (`x + 3.0`, `x * y`, `x / 6`,
+    `ops.relu6(x)`, `ops.sigmoid(x)`).
 
-    With two tensor operands of equal channel count it is an element-wise
-    merge (channels tied). With one tensor and a constant, scaling keeps a zero
-    channel zero, and adding a constant does not (those channels are kept).
+    With two tensor operands it is an element-wise merge (channels tied). With
+    one tensor, scaling and zero-preserving functions keep a removed channel
+    zero; adding a constant, `max(x, c)` and functions with f(0) != 0 make it
+    non-zero (see the zero-state dataflow in `graph.py`).
     """
 
+    KINDS = ("add", "multiply", "divide", "extremum", "zero_preserving", "lifting")
+
     def __init__(self, kind: str):
-        if kind not in ("add", "multiply", "divide"):
-            raise ValueError(f"Expected kind in ('add', 'multiply', 'divide'). Received: kind={kind!r}")
+        if kind not in self.KINDS:
+            raise ValueError(f"Expected kind in {self.KINDS}. Received: kind={kind!r}")
         self.kind = kind
 
     def propagate(self, layer, in_maps, in_shapes, out_shapes, ctx):
@@ -646,9 +650,13 @@ class OpHandler(LayerHandler):
     def lifts_zero(self, layer, in_shapes):
         if self.kind == "divide":  # `c / x` or `x / y` may divide by a removed (zero) channel
             return f"{layer.name!r} divides, maybe by a removed (zero) channel"
+        if self.kind == "lifting":
+            return f"{layer.name!r} ({type(layer).__name__}) maps 0 to a non-zero value"
+        if self.kind == "extremum" and len(in_shapes) == 1:
+            return f"{layer.name!r} takes a maximum/minimum with a constant"
         if self.kind == "add" and len(in_shapes) == 1:
             return f"{layer.name!r} adds a constant"
-        if self.kind == "add" and ElementwiseMergeHandler._has_broadcast(in_shapes):
+        if self.kind in ("add", "extremum") and ElementwiseMergeHandler._has_broadcast(in_shapes):
             return f"{layer.name!r} adds a channel broadcast over the others"
         return None
 

@@ -217,3 +217,27 @@ def test_one_channel_broadcast_over_the_others(merge):
     assert pruned.get_layer("c").filters == 4
     x = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype("float32")
     assert rel_err(pruned(x), gated(x)) <= 1e-5 and rel_err(model(x), gated(x)) > 1e-3
+
+
+def test_keras_ops_functions_follow_the_zero_rules():
+    """`ops.relu6(s + 3) / 6` (hard sigmoid) as a gate; `ops.tanh` keeps zeros, `ops.exp` does not."""
+    from keras import ops
+    from conftest import rel_err
+
+    inputs = keras.Input((8, 8, 2))
+    x = layers.Conv2D(4, 3, padding="same", name="x")(inputs)
+    s = layers.Conv2D(4, 3, padding="same", name="s")(inputs)
+    x = layers.Multiply(name="mul")([ops.tanh(x), ops.relu6(s + 3.0) / 6.0])
+    e = ops.exp(layers.Conv2D(3, 3, padding="same", name="e")(inputs))
+    x = layers.Concatenate(name="cat")([x, e])
+    x = layers.Conv2D(2, 3, name="mix")(x)
+    model = keras.Model(inputs, layers.Dense(2)(layers.GlobalAveragePooling2D()(x)))
+    graph = kt.analyze(model)
+    assert (graph.groups_of_layer_output("x") >= 0).all()  # zero times anything
+    assert (graph.groups_of_layer_output("e") < 0).all()  # exp(0) = 1 reaches `mix`
+    gated = kt.add_gates(model)
+    gated.get_layer("x").gate.assign(np.array([0, 1, 1, 0], "float32"))
+    pruned = kt.prune(gated)
+    x_in = np.random.default_rng(0).normal(size=(2, 8, 8, 2)).astype("float32")
+    assert pruned.get_layer("x").filters == 2 and pruned.get_layer("s").filters == 2
+    assert rel_err(pruned(x_in), gated(x_in)) <= 1e-5
