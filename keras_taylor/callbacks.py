@@ -123,6 +123,7 @@ class TaylorPruning(keras.callbacks.Callback):
         self.ema = None
         self.removed = []  # removed groups, in removal order
         self.history = []  # one dict per pruning step
+        self._warned_nonfinite = False
 
     # ---- setup -----------------------------------------------------------------
     def _setup(self) -> None:
@@ -245,6 +246,13 @@ class TaylorPruning(keras.callbacks.Callback):
     def _prune_step(self) -> None:
         graph = self._graph
         scores, steps = self._scorer.read()
+        skipped = int(self._scorer.counters()["skipped"])
+        if skipped > 0 and not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            logger.warning(
+                "keras_taylor: %d minibatch(es) had NaN/Inf gradients; they were "
+                "left out of the channel scores (warned once per callback).", skipped,
+            )
         self._scorer.reset()
         self._last_event = self._step
         if steps == 0:

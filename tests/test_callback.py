@@ -225,3 +225,20 @@ def test_loss_scaling_is_undone():
         gated.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[pruner])
         scores.append(pruner._scorer.read()[0])
     assert rel_err(scores[1], scores[0]) <= 1e-5
+
+
+def test_non_finite_batches_warn_once_and_never_reach_the_ranking(caplog):
+    """A NaN loss batch in fit: nothing added to the scores, one warning, finite EMA."""
+    model = make("plain")
+    gated = kt.add_gates(model)
+    # LossScaleOptimizer skips non-finite steps, so the NaN does not spread into the weights.
+    gated.compile(optimizer=keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.01)), loss=LOSS)
+    x, y = data(32)
+    x[8:16] = np.nan  # the second minibatch of every epoch
+    pruner = kt.TaylorPruning(target=0.2, prune_every=2, channels_per_step=1)
+    with caplog.at_level(logging.WARNING, logger="keras_taylor"):
+        gated.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0, callbacks=[pruner])
+    warnings = [r for r in caplog.records if "NaN/Inf" in r.getMessage()]
+    assert len(warnings) == 1
+    assert pruner._scorer.counters()["skipped"] == 2
+    assert pruner.history and np.all(np.isfinite(pruner.ema))
