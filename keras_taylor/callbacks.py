@@ -231,6 +231,13 @@ class TaylorPruning(keras.callbacks.Callback):
             logs.update(self._log_values())
 
     def on_epoch_end(self, epoch, logs=None):
+        if self._step == self._epoch_base and not self.done:
+            self._uninstall()
+            raise ValueError(
+                "Expected training data: TaylorPruning scores channels on "
+                f"minibatches. Received: model={self.model.name!r} fit for an "
+                f"epoch ({epoch}) without any (an empty dataset?)."
+            )
         if logs is not None:
             logs.update(self._log_values())
 

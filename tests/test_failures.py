@@ -451,6 +451,11 @@ CASES = [
     case("TaylorPruning-fit-criterion='bogus'", lambda: compiled(gated()),
          lambda m, c: fit_with(m, criterion="bogus"), ValueError,
          r"criterion='bogus'", r"Expected a criterion id in \['taylor_fo_bn'\]"),
+    # (A model without Dropout: Keras's own fit machinery advances Dropout's seed state.)
+    case("TaylorPruning-fit-empty_dataset", lambda: compiled(kt.add_gates(make("residual"))),
+         lambda m, c: m.fit(np.zeros((0, 16, 16, 3), "float32"), np.zeros((0,), "int64"), epochs=1, verbose=0,
+                            callbacks=[kt.TaylorPruning(target=0.5)]),
+         ValueError, r"model='res'", r"Expected training data", r"empty dataset"),
     case("TaylorPruning-fit-ungated", lambda: compiled(make("plain")), lambda m, c: fit_with(m), ValueError,
          r"model='plain'", r"Expected a gated model", r"add_gates"),
     case("TaylorPruning-fit-non_tf_backend", lambda: compiled(gated()),
