@@ -98,6 +98,11 @@ def _check_input_axes(layer, in_tensors, in_axes) -> None:
         rank = len(t.shape)
         declared = _declared_axis(layer, rank)
         if declared is not None and axis is not None and declared != axis:
+            shape = tuple(t.shape)
+            if shape[declared] == shape[axis] and all(
+                d == 1 for i, d in enumerate(shape[1:], 1) if i not in (declared, axis)
+            ):
+                continue  # a (C, 1, 1) / (1, 1, C) vector: either axis reads it alike
             producer = getattr(getattr(t, "_keras_history", None), "operation", None)
             where = f"from {producer.name!r}" if producer is not None else f"{t.name!r}"
             raise ValueError(
@@ -120,7 +125,7 @@ def _input_axes(inputs, calls) -> dict:
     result = {}
     for t in inputs:
         rank = len(t.shape)
-        axis, frontier, seen = None, [t], set()
+        axis, hint, frontier, seen = None, None, [t], set()
         while frontier and axis is None:
             nxt = []
             for u in frontier:
@@ -129,13 +134,18 @@ def _input_axes(inputs, calls) -> dict:
                     if declared is not None:
                         axis = declared
                         break
+                    if isinstance(layer, keras.layers.Flatten) and rank > 2 and hint is None:
+                        # A weak hint: Flatten(channels_last) also reads channels-first tensors.
+                        hint = 1 if layer.data_format == "channels_first" else rank - 1
                     if get_handler(layer) is not None and not get_handler(layer).creates_channels:
                         nxt.extend(o for o in outs if len(o.shape) == rank and id(o) not in seen)
                         seen.update(id(o) for o in outs)
                 if axis is not None:
                     break
             frontier = nxt
-        result[id(t)] = axis if axis is not None else _default_axis(tuple(t.shape))
+        if axis is None:
+            axis = hint if hint is not None else _default_axis(tuple(t.shape))
+        result[id(t)] = axis
     return result
 
 

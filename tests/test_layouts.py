@@ -149,3 +149,19 @@ def test_channels_first_applications(name, channels_first):
     lively_statistics(model)
     x = preprocessed(fn, np.random.default_rng(0).uniform(0, 255, (2, 3, size, size)).astype("float32"))
     _check(model, x)
+
+
+def test_one_channel_vectors_and_flatten_only_layouts():
+    """Fuzz finds: an SE block pruned to one channel ((1, 1, 1) reads alike on
+    either axis), and a channels_first input whose only layout hint is Flatten."""
+    inputs = keras.Input((3, 8, 8))
+    x = layers.Conv2D(1, 3, padding="same", data_format="channels_first", use_bias=False, name="c")(inputs)
+    s = layers.GlobalAveragePooling2D(data_format="channels_first")(x)
+    s = layers.Reshape((1, 1, 1), name="se_reshape")(s)
+    s = layers.Conv2D(1, 1, activation="sigmoid", data_format="channels_first", name="excite")(s)
+    x = layers.Multiply()([x, s])
+    model = keras.Model(inputs, layers.Dense(2)(layers.GlobalAveragePooling2D(data_format="channels_first")(x)))
+    assert kt.profile(model).flops > 0
+    seq = keras.Sequential([keras.Input((2, 6, 6)), layers.ReLU(), layers.Flatten(data_format="channels_first"), layers.Dense(3)])
+    graph = kt.analyze(seq)
+    assert graph.first_node(seq.layers[0].name).in_axes == [1]
