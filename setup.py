@@ -17,10 +17,16 @@ setup(
         # TensorFlow is the backend the scoring step runs on; `tensorflow` (GPU)
         # works as well as the CPU wheel.
         "tf": ["tensorflow-cpu>=2.18"],
-        "examples": ["tensorflow-cpu>=2.18", "tensorflow-datasets"],
-        "test": ["tensorflow-cpu>=2.18", "tensorflow-datasets", "pytest", "pytest-xdist", "hypothesis", "scipy"],
+        "examples": ["tensorflow-cpu>=2.18", "tensorflow-datasets", "matplotlib"],
+        # `keras_taylor.export.export_onnx`; tested with tf2onnx 1.17.0,
+        # onnx 1.23.2, onnxruntime 1.31.1 on TF 2.21 / Keras 3.15.
+        "onnx": ["tf2onnx>=1.16", "onnx", "onnxruntime"],
+        "test": [
+            "tensorflow-cpu>=2.18", "tensorflow-datasets", "pytest", "pytest-xdist", "hypothesis", "scipy", "matplotlib",
+            "tf2onnx>=1.16", "onnx", "onnxruntime", "tensorboard",
+        ],
     },
-    entry_points={},
+    entry_points={"console_scripts": ["keras-taylor = keras_taylor.cli:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",

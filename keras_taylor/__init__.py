@@ -24,6 +24,7 @@ from keras_taylor.plan import PruningPlan
 from keras_taylor.scoring import TaylorScorer
 from keras_taylor.surgery import apply_plan, prune
 from keras_taylor.nesting import inline_nested_models
+from keras_taylor.monitor import PruningTensorBoard, plot_channels, plot_history
 
 __version__ = "0.1.0"
 
@@ -35,6 +36,7 @@ __all__ = [
     "LayerHandler",
     "Profile",
     "PruningPlan",
+    "PruningTensorBoard",
     "TaylorFOBN",
     "TaylorPruning",
     "TaylorScorer",
@@ -44,6 +46,8 @@ __all__ = [
     "gate_values",
     "inline_nested_models",
     "is_gated",
+    "plot_channels",
+    "plot_history",
     "profile",
     "prune",
     "register_handler",
