@@ -120,7 +120,11 @@ def main(argv):
         f"== Pruning to {FLAGS.target:.0%} FLOPs: {FLAGS.channels_per_step} channel groups every {prune_every} "
         f"minibatches (of {kt.analyze(gated).num_groups}), then fine-tuning; {prune_epochs} epochs in all"
     )
-    gated.fit(train_ds, epochs=prune_epochs, verbose=verbose, callbacks=[pruner], shuffle=False)
+    board = kt.PruningTensorBoard(pruner, log_dir=os.path.join(FLAGS.output_dir, "logs"))
+    fit_history = gated.fit(
+        train_ds, epochs=prune_epochs, verbose=verbose, callbacks=[pruner, board], shuffle=False,
+        validation_data=test_ds,
+    )
     if not pruner.done:
         logging.warning("Pruning did not reach the target in %d epochs; raise --prune_epochs.", prune_epochs)
 
@@ -170,6 +174,13 @@ def main(argv):
     print("\n== Channels per layer (before -> after)")
     print(", ".join(f"{k} {v}->{counts_after[k]}" for k, v in counts_before.items()))
     print(f"\nSavedModel (serving_default) written to {saved['path']}; reload check max |diff| = {saved['max_abs_diff']:.2e}")
+    print(f"TensorBoard scalars: tensorboard --logdir {os.path.join(FLAGS.output_dir, 'logs')}")
+    try:
+        kt.plot_channels(model, pruned, os.path.join(FLAGS.output_dir, "channels.png"))
+        kt.plot_history(pruner, fit_history, os.path.join(FLAGS.output_dir, "history.png"))
+        print(f"Plots: {FLAGS.output_dir}/channels.png, {FLAGS.output_dir}/history.png")
+    except ImportError as e:  # matplotlib is optional
+        print(f"No plots: {e}")
 
     results = {
         "command": " ".join(["python"] + sys.argv),
