@@ -141,9 +141,7 @@ def export_saved_model(
             f"path={str(path)!r}, which is a file."
         )
 
-    inputs, functional = _model_inputs(model)
-    names = _input_names(model, inputs, functional, input_name)
-    specs = _input_specs(inputs, names)
+    names, specs, _ = _signature(model, input_name, None)
     endpoint = _write_archive(model, path, names, specs, output_name)
 
     concrete = endpoint.get_concrete_function()
@@ -338,12 +336,7 @@ def export_tflite(
         _check_atol(atol)
     _check_file_path(path)
 
-    inputs, functional = _model_inputs(model)
-    names = _input_names(model, inputs, functional, input_name)
-    specs = _input_specs(inputs, names)
-    arrays = None
-    if check_inputs is not None:
-        arrays = _as_arrays(check_inputs, names, specs)
+    names, specs, arrays = _signature(model, input_name, check_inputs)
     dataset = None
     if quantize == "int8":
         dataset = _representative_dataset(representative_data, names, specs)
@@ -528,12 +521,7 @@ def export_onnx(
             f"Expected opset to be None or a positive int. Received: opset={opset!r}."
         )
     _check_file_path(path)
-    inputs, functional = _model_inputs(model)
-    names = _input_names(model, inputs, functional, input_name)
-    specs = _input_specs(inputs, names)
-    arrays = None
-    if check_inputs is not None:
-        arrays = _as_arrays(check_inputs, names, specs)
+    names, specs, arrays = _signature(model, input_name, check_inputs)
 
     tf2onnx, onnx = _import_onnx_converter()
     ort = _import_onnxruntime() if arrays is not None else None
@@ -876,6 +864,15 @@ def _check_no_gates(model: keras.Model) -> None:
             f"layers) before exporting. Received: model={model.name!r} with "
             f"{len(gated)} ChannelGate layer(s): {shown}{more}."
         )
+
+
+def _signature(model, input_name, check_inputs):
+    """Serving input names and specs of `model`, and `check_inputs` as arrays (or None)."""
+    inputs, functional = _model_inputs(model)
+    names = _input_names(model, inputs, functional, input_name)
+    specs = _input_specs(inputs, names)
+    arrays = None if check_inputs is None else _as_arrays(check_inputs, names, specs)
+    return names, specs, arrays
 
 
 def _model_inputs(model: keras.Model) -> tuple:
