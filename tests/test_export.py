@@ -307,3 +307,23 @@ def test_multi_input_model_uses_input_layer_names(tmp_path):
     info = export_saved_model(model, str(tmp_path / "m"), check_inputs=[xa, xb])
     assert list(info["signature_inputs"]) == ["image_features", "meta"]
     assert info["max_abs_diff"] <= 1e-5
+
+
+@pytest.mark.parametrize("key", sorted(_CASES))
+def test_saved_model_cli_shows_the_signature(exported, key):
+    """TF Serving's view: `saved_model_cli show` lists the named, batch-dynamic signature."""
+    import shutil
+
+    cli = shutil.which("saved_model_cli") or os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+    if not os.path.exists(cli):
+        pytest.skip("saved_model_cli is not installed with this TensorFlow")
+    case = exported[key]
+    proc = subprocess.run(
+        [cli, "show", "--dir", case["info"]["path"], "--tag_set", "serve", "--signature_def", "serving_default"],
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert f"inputs['{case['input_name']}']" in out and f"outputs['{case['output_name']}']" in out
+    assert f"shape: (-1, {', '.join(str(d) for d in case['shape'])})" in out
+    assert "Method name is: tensorflow/serving/predict" in out
