@@ -144,6 +144,16 @@ class ChannelGate(keras.layers.Wrapper):
     def compute_output_shape(self, input_shape):
         return self.layer.compute_output_shape(input_shape)
 
+    @property
+    def trainable(self):
+        return self.layer.trainable if hasattr(self, "layer") else super().trainable
+
+    @trainable.setter
+    def trainable(self, value):
+        # Freezing or unfreezing a gated model reaches the wrapped layer
+        # (BN gamma/beta, conv kernels); the gate variables stay non-trainable.
+        keras.layers.Layer.trainable.fset(self, value)
+
     def get_config(self):
         config = super().get_config()
         config["mode"] = self.mode

@@ -134,3 +134,18 @@ def test_add_gates_refuses_gated_model():
     gated = kt.add_gates(make("plain"))
     with pytest.raises(ValueError, match="already holds ChannelGate"):
         kt.add_gates(gated)
+
+
+def test_setting_trainable_on_a_gate_reaches_the_wrapped_layer():
+    model = make("plain")
+    for layer in model.layers:
+        layer.trainable = False
+    gated = kt.add_gates(model)
+    gates = [l for l in gated.layers if isinstance(l, kt.ChannelGate)]
+    assert not any(g.trainable for g in gates)
+    for g in gates:
+        g.trainable = True
+    assert all(g.layer.trainable for g in gates)
+    # BN gamma/beta and conv kernels train again; gates and pruning state never do.
+    names = {v.path for v in gated.trainable_weights}
+    assert names and not any(v.path.endswith(("/gate", "/score", "/ema", "/counters")) for v in gated.trainable_weights)
