@@ -17,7 +17,7 @@ setup(
         # TensorFlow is the backend the scoring step runs on; `tensorflow` (GPU)
         # works as well as the CPU wheel.
         "tf": ["tensorflow-cpu>=2.18"],
-        "examples": ["tensorflow-cpu>=2.18", "tensorflow-datasets", "matplotlib"],
+        "examples": ["tensorflow-cpu>=2.18", "tensorflow-datasets", "importlib_resources", "matplotlib"],  # importlib_resources: tfds downloads
         # `keras_taylor.export.export_onnx`; tested with tf2onnx 1.17.0,
         # onnx 1.23.2, onnxruntime 1.31.1 on TF 2.21 / Keras 3.15.
         "onnx": ["tf2onnx>=1.16", "onnx", "onnxruntime"],
