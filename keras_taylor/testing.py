@@ -131,3 +131,31 @@ def prune_application(fn, size=None, seed=0, fraction=0.3) -> dict:
         "params_keras_after": int(pruned.count_params()),
         "pruned_dtype": pruned.dtype,
     }
+
+
+def reference_scores(gated, x, y, batch, loss, graph=None):
+    """Taylor-FO-BN scores from a plain eager `GradientTape`, independent of
+    the scoring train step: per minibatch `(Σ_members ∂L/∂m)²` per group,
+    averaged over the minibatches of `x` (the model's weights are not updated).
+    """
+    import tensorflow as tf
+
+    import keras_taylor as kt
+
+    graph = graph if graph is not None else kt.analyze(gated)
+    gates = [l for l in gated.layers if isinstance(l, kt.ChannelGate)]
+    total = np.zeros(graph.num_groups)
+    n = 0
+    for i in range(0, len(x), batch):
+        with tf.GradientTape() as tape:
+            for l in gates:
+                tape.watch(l.gate.value)
+            value = loss(y[i : i + batch], gated(x[i : i + batch], training=True))
+        grads = tape.gradient(value, [l.gate.value for l in gates])
+        group_grad = np.zeros(graph.num_groups)
+        for layer, g in zip(gates, grads):
+            groups = graph.groups_of_layer_output(layer.name)
+            np.add.at(group_grad, groups[groups >= 0], g.numpy().astype("float64")[groups >= 0])
+        total += group_grad**2
+        n += 1
+    return total / n

@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 
 import keras_taylor as kt
+from keras_taylor import testing
 from conftest import images, make, rel_err
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -21,22 +22,7 @@ def data(n=48, seed=0, classes=5):
 
 def reference_scores(gated, graph, x, y, batch):
     """Independent (dL/dm)^2 per group, summed over members, averaged over batches."""
-    gate_layers = [l for l in gated.layers if isinstance(l, kt.ChannelGate)]
-    total = np.zeros(graph.num_groups)
-    n = 0
-    for i in range(0, len(x), batch):
-        with tf.GradientTape() as tape:
-            for l in gate_layers:
-                tape.watch(l.gate.value)
-            loss = LOSS(y[i : i + batch], gated(x[i : i + batch], training=True))
-        grads = tape.gradient(loss, [l.gate.value for l in gate_layers])
-        group_grad = np.zeros(graph.num_groups)
-        for layer, g in zip(gate_layers, grads):
-            groups = graph.groups_of_layer_output(layer.name)
-            np.add.at(group_grad, groups[groups >= 0], g.numpy().astype("float64")[groups >= 0])
-        total += group_grad**2
-        n += 1
-    return total / n
+    return testing.reference_scores(gated, x, y, batch, LOSS, graph)
 
 
 @pytest.mark.parametrize("spe,jit", [(1, False), (3, False), (1, True), (2, True)])
