@@ -23,7 +23,7 @@ setup(
         "onnx": ["tf2onnx>=1.16", "onnx", "onnxruntime"],
         "test": [
             "tensorflow-cpu>=2.18", "tensorflow-datasets", "pytest", "pytest-xdist", "hypothesis", "scipy", "matplotlib",
-            "tf2onnx>=1.16", "onnx", "onnxruntime", "tensorboard",
+            "tf2onnx>=1.16", "onnx", "onnxruntime", "tensorboard", "nbclient", "nbformat", "ipykernel",
         ],
     },
     entry_points={"console_scripts": ["keras-taylor = keras_taylor.cli:main"]},

@@ -187,3 +187,21 @@ def images(n=8, seed=0, shape=(16, 16, 3)):
 def rel_err(a, b):
     a, b = np.asarray(a, "float64"), np.asarray(b, "float64")
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12))
+
+
+def run_notebook(path, workdir, smoke=True, timeout=600):
+    """Executes a notebook in a real Jupyter kernel (nbclient) with `SMOKE = True`
+    in its `parameters` cell; returns the text of every stream output."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(path, as_version=4)
+    params = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(params) == 1 and "SMOKE = False" in params[0].source, "one tagged parameters cell with SMOKE = False"
+    if smoke:
+        params[0].source = params[0].source.replace("SMOKE = False", "SMOKE = True")
+    NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(workdir)}}).execute()
+    return "".join(
+        out.get("text", "") for cell in nb.cells if cell.cell_type == "code" for out in cell.get("outputs", [])
+        if out.get("output_type") == "stream"
+    )

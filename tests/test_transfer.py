@@ -15,6 +15,8 @@ import sys
 
 import pytest
 
+from conftest import run_notebook
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "examples", "papers_datasets.py")
 
@@ -38,18 +40,12 @@ def _flops(stdout):
 
 
 @pytest.mark.slow
-def test_transfer_notebook_runs_at_smoke_size(tmp_path):
-    nb = json.load(open(os.path.join(ROOT, "colab", "transfer_learning.ipynb")))
-    params = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
-    assert len(params) == 1 and "SMOKE = False" in "".join(params[0]["source"])
-    code = "\n\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
-    script = tmp_path / "nb.py"
-    script.write_text(code.replace("SMOKE = False", "SMOKE = True"))
-    env = _env(KERAS_TAYLOR_REPO=str(tmp_path / "absent"))
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    m = re.search(r"^FLOPs\s+([\d,]+) -> ([\d,]+)", proc.stdout, re.M)
-    assert m and int(m.group(2).replace(",", "")) < int(m.group(1).replace(",", "")), proc.stdout[-3000:]
+def test_transfer_notebook_runs_at_smoke_size(tmp_path, monkeypatch):
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "3")
+    monkeypatch.setenv("KERAS_TAYLOR_REPO", str(tmp_path / "absent"))
+    text = run_notebook(os.path.join(ROOT, "colab", "transfer_learning.ipynb"), tmp_path)
+    m = re.search(r"^FLOPs\s+([\d,]+) -> ([\d,]+)", text, re.M)
+    assert m and int(m.group(2).replace(",", "")) < int(m.group(1).replace(",", "")), text[-3000:]
     assert (tmp_path / "channels.png").stat().st_size > 0
 
 
