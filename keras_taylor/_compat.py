@@ -170,3 +170,12 @@ def run_graph(model, inputs, call_fn):
 def inbound_node_count(layer) -> int:
     """How many times `layer` (or op) has been called on symbolic tensors."""
     return len(layer._inbound_nodes)
+
+
+def patch_tf2onnx() -> None:
+    """Keras's numpy-2 compatibility patch for tf2onnx (no-op where absent)."""
+    try:
+        from keras.src.export.tf2onnx_lib import patch_tf2onnx as patch
+    except ImportError:
+        return
+    patch()

@@ -671,16 +671,11 @@ def _import_onnx_converter():
             f"export_onnx needs the tf2onnx and onnx packages ({err}). "
             f"Install them with: {_ONNX_INSTALL}"
         ) from err
-    try:
-        # tf2onnx <= 1.17 uses numpy APIs removed in numpy 2; Keras patches
-        # them for its own `model.export(format="onnx")`.
-        from keras.src.export.tf2onnx_lib import patch_tf2onnx
-    except ImportError:
-        patch_tf2onnx = None
-    if patch_tf2onnx is not None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # `hasattr(np, "object")`
-            patch_tf2onnx()
+    # tf2onnx <= 1.17 uses numpy APIs removed in numpy 2; Keras patches them
+    # for its own `model.export(format="onnx")`.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # `hasattr(np, "object")`
+        _compat.patch_tf2onnx()
     return tf2onnx, onnx
 
 
