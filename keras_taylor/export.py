@@ -434,16 +434,10 @@ def export_tflite(
     )
     limit = atol if atol is not None else _TFLITE_DEFAULT_ATOL[quantize]
     if limit is not None:
-        tolerance = limit * max(1.0, max_ref)
-        if not max_abs_diff <= tolerance:
-            raise RuntimeError(
-                f"Expected the TFLite model (quantize={quantize!r}) to match the "
-                f"Keras model within {tolerance:.3g} (atol={limit} * max(1, "
-                f"max|output|={max_ref:.3g})). Received: max abs diff="
-                f"{max_abs_diff:.3g} on check_inputs of shape "
-                f"{[a.shape for a in arrays]} (top-1 agreement {top1}). The file "
-                f"was written to {str(path)!r}."
-            )
+        _require_close(
+            max_abs_diff, max_ref, limit, arrays, f"the TFLite model (quantize={quantize!r})",
+            f" (top-1 agreement {top1}). The file was written to {str(path)!r}",
+        )
     return info
 
 
@@ -590,14 +584,7 @@ def export_onnx(
     got = dict(zip(out_names, values))
     reference = _keras_outputs(model, arrays, output_name)
     max_abs_diff, max_ref, _ = _compare(reference, got, "ONNX model")
-    tolerance = atol * max(1.0, max_ref)
-    if not max_abs_diff <= tolerance:
-        raise RuntimeError(
-            "Expected the ONNX model (onnxruntime) to match the Keras model "
-            f"within {tolerance:.3g} (atol={atol} * max(1, max|output|="
-            f"{max_ref:.3g})). Received: max abs diff={max_abs_diff:.3g} on "
-            f"check_inputs of shape {[a.shape for a in arrays]}."
-        )
+    _require_close(max_abs_diff, max_ref, atol, arrays, "the ONNX model (onnxruntime)")
     info["max_abs_diff"] = max_abs_diff
     return info
 
@@ -974,6 +961,18 @@ def _keras_outputs(model, arrays, output_name) -> dict:
     }
 
 
+def _require_close(max_abs_diff, max_ref, atol, arrays, what: str, extra: str = "") -> None:
+    """Raises unless `max_abs_diff <= atol * max(1, max|reference output|)`."""
+    tolerance = atol * max(1.0, max_ref)
+    if not max_abs_diff <= tolerance:
+        raise RuntimeError(
+            f"Expected {what} to match the Keras model within {tolerance:.3g} "
+            f"(atol={atol} * max(1, max|output|={max_ref:.3g})). Received: max "
+            f"abs diff={max_abs_diff:.3g} on check_inputs of shape "
+            f"{[a.shape for a in arrays]}{extra}."
+        )
+
+
 def _compare(reference: dict, got: dict, what: str) -> tuple:
     """Returns `(max_abs_diff, max_abs_reference, top1_agreement)`.
 
@@ -1016,12 +1015,5 @@ def _check_export(model, path, check_inputs, names, specs, output_name, atol) ->
     served = signature(**{n: tf.constant(a) for n, a in zip(names, arrays)})
     served = {k: v.numpy() for k, v in served.items()}
     max_abs_diff, max_ref, _ = _compare(reference, served, "reloaded signature")
-    tolerance = atol * max(1.0, max_ref)
-    if not max_abs_diff <= tolerance:
-        raise RuntimeError(
-            "Expected the reloaded SavedModel to match the Keras model within "
-            f"{tolerance:.3g} (atol={atol} * max(1, max|output|={max_ref:.3g})). "
-            f"Received: max abs diff={max_abs_diff:.3g} on check_inputs of "
-            f"shape {[a.shape for a in arrays]}."
-        )
+    _require_close(max_abs_diff, max_ref, atol, arrays, "the reloaded SavedModel")
     return max_abs_diff
