@@ -45,17 +45,17 @@ class TaylorScorer:
         self.gates = gate_layers(model)
         self.num_groups = graph.num_groups
         per_gate = [graph.groups_of_layer_output(l.name) for l in self.gates]
-        seg = np.concatenate(per_gate)
-        seg[seg < 0] = self.num_groups  # fixed channels go to a dropped segment
-        self._segment_ids = seg.astype("int32")
-        # For each gate, the group of each channel (num_groups: fixed).
+        # For each gate, the group of each channel (fixed channels: num_groups,
+        # a segment that is dropped).
         self._gate_groups = [np.where(g >= 0, g, self.num_groups).astype("int32") for g in per_gate]
+        self._segment_ids = np.concatenate(self._gate_groups)
         # Where to read each group back: its first member (gate, channel).
-        first = np.full((self.num_groups, 2), -1, dtype=np.int64)
-        for i, g in enumerate(per_gate):
-            for ch in np.flatnonzero(g >= 0)[::-1].tolist():
-                first[g[ch]] = (i, ch)
-        self._first_member = first
+        gate_of = np.concatenate([np.full(len(g), i) for i, g in enumerate(per_gate)])
+        channel_of = np.concatenate([np.arange(len(g)) for g in per_gate])
+        groups, pos = np.unique(self._segment_ids, return_index=True)
+        keep = groups < self.num_groups
+        self._first_member = np.full((self.num_groups, 2), -1, dtype=np.int64)
+        self._first_member[groups[keep]] = np.stack([gate_of[pos[keep]], channel_of[pos[keep]]], axis=1)
         self._scoring_function = None
         self._own_function = None
         self._cache_key = None
