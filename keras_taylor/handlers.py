@@ -478,11 +478,16 @@ class ElementwiseMergeHandler(LayerHandler):
             return f"{layer.name!r} adds a channel broadcast over the others"
         return None
 
-    def combine(self, layer, in_states, in_shapes, out_shapes):
-        broadcast = self._broadcast(in_shapes, out_shapes)
+    @classmethod
+    def merge_states(cls, in_states, in_shapes, out_shapes, multiply: bool):
+        """AND (a product) or OR (a sum, max, ...) of the non-broadcast inputs'
+        states; a broadcast factor is some fixed value: zero times it stays zero."""
+        broadcast = cls._broadcast(in_shapes, out_shapes)
         full = [st for st, b in zip(in_states, broadcast) if not b]
-        # A broadcast factor is some fixed value: zero times it stays zero.
-        return _all(full) if isinstance(layer, keras.layers.Multiply) else _any(full)
+        return _all(full) if multiply else _any(full)
+
+    def combine(self, layer, in_states, in_shapes, out_shapes):
+        return self.merge_states(in_states, in_shapes, out_shapes, isinstance(layer, keras.layers.Multiply))
 
 
 class ConcatenateHandler(LayerHandler):
@@ -663,9 +668,7 @@ class OpHandler(LayerHandler):
     def combine(self, layer, in_states, in_shapes, out_shapes):
         if len(in_states) < 2:
             return None
-        broadcast = ElementwiseMergeHandler._broadcast(in_shapes, out_shapes)
-        full = [st for st, b in zip(in_states, broadcast) if not b]
-        return _all(full) if self.kind == "multiply" else _any(full)
+        return ElementwiseMergeHandler.merge_states(in_states, in_shapes, out_shapes, self.kind == "multiply")
 
 
 class ChannelScaleHandler(LayerHandler):
