@@ -25,6 +25,27 @@ from keras_taylor.scoring import TaylorScorer
 logger = logging.getLogger("keras_taylor")
 
 _METRICS = ("flops", "params", "channels")
+def ranking_context(graph, scorer, cost=None) -> criteria_lib.RankingContext:
+    """What a criterion's `rank` may ask about a model: per-group layer labels
+    (`oracle.group_labels`), the FLOPs each group's removal saves in the
+    unpruned model (computed on first use, one evaluation per label: the
+    groups of one label cost the same), and which groups hold a BN channel."""
+    from keras_taylor.oracle import group_labels
+
+    labels = np.asarray(group_labels(graph))
+    cost = cost if cost is not None else CostModel(graph)
+
+    def group_flops():
+        base = cost.evaluate(graph.alive_ids(()))[0]
+        out = np.zeros(len(labels))
+        for label in np.unique(labels):
+            rows = np.flatnonzero(labels == label)
+            out[rows] = base - cost.evaluate(graph.alive_ids([int(rows[0])]))[0]
+        return out
+
+    return criteria_lib.RankingContext(labels, group_flops, scorer.bn_groups)
+
+
 # CVPR'19 (ResNet-101 on ImageNet): 100 channels every 30 minibatches, out of
 # the 52,672 channels that carry a gate after BN in ResNet-101.
 _PAPER_CHANNELS_PER_STEP = 100
@@ -32,13 +53,15 @@ _PAPER_GATED_CHANNELS = 52_672
 
 
 class TaylorPruning(keras.callbacks.Callback):
-    """Prunes a gated model during `fit` by Taylor-FO-BN importance (CVPR'19).
+    """Prunes a gated model during `fit` by Taylor-FO-BN importance (CVPR'19),
+    or by any criterion of `keras_taylor.criteria`.
 
     Every `prune_every` minibatches: average the per-minibatch scores
     accumulated in the train step, update the exponential moving average
     `ema = momentum * ema + (1 - momentum) * average` (the first step takes the
     average), rank every live channel group of the whole model by `ema`
-    (no per-layer normalisation), and remove the lowest-ranked ones, up to
+    (passed through the criterion's `rank`: nothing for Taylor-FO-BN, per-layer
+    L2 normalisation for the ICLR'17 criteria), and remove the lowest-ranked ones, up to
     `channels_per_step` groups per step, never leaving a Conv/Dense layer with
     fewer than `min_channels` channels, until `metric` is at most `target` of
     its value in the unpruned model. Training continues throughout; once the
@@ -60,7 +83,12 @@ class TaylorPruning(keras.callbacks.Callback):
             Defaults to `1`.
         start_step: minibatches of training before the first pruning step
             (scores accumulate from the start). Defaults to `0`.
-        criterion: criterion id or `Criterion`. Defaults to `"taylor_fo_bn"`.
+        criterion: criterion id (`keras_taylor.criteria.names()`: CVPR'19
+            `"taylor_fo_bn"`, `"taylor_fo_weight"`, `"taylor_fo_fg"`,
+            `"taylor_so"`; ICLR'17 `"iclr17_taylor"`, `"iclr17_taylor_nvlabs"`;
+            baselines `"bn_scale"`, `"weight_l1"`, `"weight_l2"`,
+            `"activation_mean"`, `"activation_std"`, `"apoz"`, `"random"`)
+            or a `Criterion`. Defaults to `"taylor_fo_bn"`.
 
     Example:
 
@@ -152,6 +180,7 @@ class TaylorPruning(keras.callbacks.Callback):
         self._creating = list(graph.creating_layers().items())
         self._base = self._measure(np.ones(len(graph.comp_of), dtype=bool))
         self._layer_of_group = self._group_layer_counts(graph)
+        self._context = ranking_context(graph, self._scorer, self._cost)
         n = self.channels_per_step
         if n is None:
             n = max(1, int(round(_PAPER_CHANNELS_PER_STEP * graph.num_groups / _PAPER_GATED_CHANNELS)))
@@ -273,12 +302,13 @@ class TaylorPruning(keras.callbacks.Callback):
         removed = set(self.removed)
         alive = graph.alive_ids(removed)
         counts = graph.layer_channel_counts(removed)
-        order = np.argsort(self.ema, kind="stable")
+        ranked = np.asarray(self._scorer.criterion.rank(self.ema, self._context), dtype="float64")
+        order = np.argsort(np.where(np.isfinite(ranked), ranked, np.inf), kind="stable")
         taken = []
         for g in order.tolist():
             if len(taken) >= self._per_step:
                 break
-            if g in removed or not np.isfinite(self.ema[g]):
+            if g in removed or not np.isfinite(ranked[g]):
                 continue
             if any(counts[name] - c < self.min_channels for name, c in self._layer_of_group[g]):
                 continue

@@ -20,7 +20,9 @@ the kernel/bias analogue), exactly the gradient of a gate on the output
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import threading
 
 import keras
 import numpy as np
@@ -37,6 +39,24 @@ _MODES = ("params", "output")
 #: non-finite gradients, minibatches seen, step of the last pruning event,
 #: pruning events so far.
 COUNTERS = ("window_steps", "skipped", "batches", "last_event", "events")
+
+_recorder = threading.local()
+
+
+@contextlib.contextmanager
+def recording_outputs():
+    """Collects `(gate, output tensor)` for every `ChannelGate` call inside.
+
+    The scoring train step uses it for criteria that read activations
+    (per-example Taylor, activation statistics): the outputs are the tensors
+    of the forward pass under way, so their gradients come from the same tape.
+    """
+    previous = getattr(_recorder, "calls", None)
+    _recorder.calls = calls = []
+    try:
+        yield calls
+    finally:
+        _recorder.calls = previous
 
 
 @keras.saving.register_keras_serializable(package="keras_taylor")
@@ -122,7 +142,7 @@ class ChannelGate(keras.layers.Wrapper):
             rank = len(y.shape)
             if self._axis != rank - 1:  # channels first: (C, 1, ..., 1)
                 gate = ops.reshape(gate, (-1,) + (1,) * (rank - 1 - self._axis))
-            return y * gate
+            return self._record(y * gate)
         gated = self._handler.gate_variables(self.layer)
         mapping = [
             (v, self._handler.gate_scale(self.layer, v, v.value, ops.cast(self.gate, v.dtype)))
@@ -139,7 +159,18 @@ class ChannelGate(keras.layers.Wrapper):
             new = scope.get_current_value(v)
             if new is not None:
                 v.assign(new)
+        return self._record(y)
+
+    def _record(self, y):
+        calls = getattr(_recorder, "calls", None)
+        if calls is not None:
+            calls.append((self, y))
         return y
+
+    @property
+    def channel_axis(self) -> int:
+        """The channel axis of the output (last, or 1 for channels_first)."""
+        return self._axis
 
     def compute_output_shape(self, input_shape):
         return self.layer.compute_output_shape(input_shape)

@@ -15,6 +15,9 @@ batch.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -22,8 +25,190 @@ from keras import ops
 
 from keras_taylor import _compat
 from keras_taylor import criteria as criteria_lib
-from keras_taylor.gates import COUNTERS, gate_layers
+from keras_taylor.gates import COUNTERS, gate_layers, recording_outputs
 from keras_taylor.graph import ChannelGraph
+
+
+def _replica_sum(x):
+    """Sums `x` over the replicas of a `tf.distribute` strategy (identity on one)."""
+    ctx = tf.distribute.get_replica_context()
+    if ctx is not None and ctx.num_replicas_in_sync > 1:
+        return ctx.all_reduce(tf.distribute.ReduceOp.SUM, x)
+    return x
+
+
+def _channel_layout(handler, layer, variable, channels: int):
+    """How a variable's elements map to output channels: `"last"` axis,
+    `"second_last"` (transposed conv kernels) or `None` (not per channel).
+
+    Read from the handler's own `gate_scale`: scaling by `1..C` labels every
+    element with its output channel.
+    """
+    labels = np.arange(1, channels + 1, dtype="float64")
+    with tf.init_scope():  # eager, also when first asked while tracing the step
+        ids = np.asarray(keras.ops.convert_to_numpy(handler.gate_scale(layer, variable, np.ones(variable.shape), labels)))
+    for layout, moved in (("last", ids), ("second_last", np.moveaxis(ids, -2, -1) if ids.ndim >= 2 else None)):
+        if moved is not None and moved.shape[-1] == channels and np.all(moved.reshape(-1, channels) == labels):
+            return layout
+    return None
+
+
+def _per_channel(value, layout, channels):
+    if layout == "second_last":
+        value = ops.moveaxis(value, -2, -1)
+    return ops.reshape(value, (-1, channels))
+
+
+class Signals:
+    """Per-group quantities of one minibatch, computed lazily in the train step.
+
+    A `Criterion` reads the attributes it needs; only those are computed.
+    Quantities summed over examples are summed across replicas under a
+    `tf.distribute` strategy, so every criterion scores the global batch.
+    Gradients are unscaled (mixed-precision loss scaling undone).
+    """
+
+    def __init__(self, scorer, gate_grads, calls, call_grads, weight_grads, scale, batch=None):
+        self._scorer = scorer
+        self._gate_grads = gate_grads
+        self._calls = calls
+        self._call_grads = call_grads
+        self._weight_grads = weight_grads
+        self._scale = scale
+        self._batch = batch
+        self.num_groups = scorer.num_groups
+
+    def _segments(self, per_channel, segment_ids):
+        """Sums a `(C_total, ...)` tensor per group (fixed channels dropped)."""
+        summed = ops.segment_sum(per_channel, ops.convert_to_tensor(segment_ids), num_segments=self.num_groups + 1)
+        return summed[: self.num_groups]
+
+    def _unscale(self, g):
+        if isinstance(self._scale, (int, float)) and self._scale == 1.0:
+            return g
+        return g / ops.cast(self._scale, g.dtype)
+
+    # ---- gate gradients -------------------------------------------------------------
+    @functools.cached_property
+    def group_grad(self):
+        """`∂L/∂m` per group: the members' gate gradients summed (global batch)."""
+        return _replica_sum(self._scorer.group_gate_grads(self._gate_grads))
+
+    # ---- activations (recorded gate outputs) ------------------------------------------
+    @functools.cached_property
+    def _activation_terms(self):
+        """Per channel of every recorded gate call: per-example `E_b` and its
+        spatial mean, `Σ_b mean_{h,w} |a·g|`, and sums of `relu(a)` statistics."""
+        if not self._calls:
+            raise ValueError("The criterion reads activations but the train step recorded none.")
+        per_example, means, abs_mean, stats, ids = [], [], [], [], []
+        for (gate, y), dy in zip(self._calls, self._call_grads):
+            a = ops.cast(y, "float32")
+            g = ops.zeros_like(a) if dy is None else self._unscale(ops.cast(dy, "float32"))
+            axis = gate.channel_axis
+            if axis != len(a.shape) - 1:
+                a, g = ops.moveaxis(a, axis, -1), ops.moveaxis(g, axis, -1)
+            channels = int(a.shape[-1])
+            a = ops.reshape(a, (ops.shape(a)[0], -1, channels))  # (B, M, C)
+            g = ops.reshape(g, (ops.shape(g)[0], -1, channels))
+            positions = ops.cast(ops.shape(a)[1], "float32")
+            prod = a * g
+            e = ops.sum(prod, axis=1)  # (B, C)
+            per_example.append(e)
+            means.append(e / positions)
+            abs_mean.append(ops.sum(ops.mean(ops.abs(prod), axis=1), axis=0))
+            r = ops.relu(a)
+            count = ops.cast(ops.shape(a)[0], "float32") * positions
+            stats.append(ops.stack([
+                ops.sum(r, axis=(0, 1)),
+                ops.sum(r * r, axis=(0, 1)),
+                ops.sum(ops.cast(a <= 0, "float32"), axis=(0, 1)),
+                ops.ones((channels,), "float32") * count,
+            ], axis=1))  # (C, 4)
+            ids.append(self._scorer.gate_groups_of(gate))
+        ids = np.concatenate(ids)
+        per_example = self._segments(ops.transpose(ops.concatenate(per_example, axis=1)), ids)  # (G, B)
+        means = self._segments(ops.transpose(ops.concatenate(means, axis=1)), ids)
+        return {
+            "example_grad_sq": _replica_sum(ops.sum(ops.square(per_example), axis=1)),
+            "example_mean_abs": _replica_sum(ops.sum(ops.abs(means), axis=1)),
+            "product_abs_mean": _replica_sum(self._segments(ops.concatenate(abs_mean), ids)),
+            "stats": _replica_sum(self._segments(ops.concatenate(stats, axis=0), ids)),  # (G, 4)
+        }
+
+    @functools.cached_property
+    def examples(self):
+        """Examples in the (global) minibatch."""
+        if self._batch is None:
+            raise ValueError("The minibatch size is unknown outside the train step.")
+        return _replica_sum(ops.cast(self._batch, "float32"))
+
+    @property
+    def example_grad_sq(self):
+        """`Σ_b E_b²`, `E_b = Σ_members Σ_{h,w} a·g` of example `b`."""
+        return self._activation_terms["example_grad_sq"]
+
+    @property
+    def example_mean_abs(self):
+        """`Σ_b |Σ_members (1/M) Σ_{h,w} a·g|` (ICLR'17, before the 1/B)."""
+        return self._activation_terms["example_mean_abs"]
+
+    @property
+    def product_abs_mean(self):
+        """`Σ_members Σ_b (1/M) Σ_{h,w} |a·g|` (NVlabs' ICLR'17, before the 1/B)."""
+        return self._activation_terms["product_abs_mean"]
+
+    @property
+    def activation_mean(self):
+        s = self._activation_terms["stats"]
+        return s[:, 0] / s[:, 3]
+
+    @property
+    def activation_std(self):
+        s = self._activation_terms["stats"]
+        mean = s[:, 0] / s[:, 3]
+        return ops.sqrt(ops.maximum(s[:, 1] / s[:, 3] - mean * mean, 0.0))
+
+    @property
+    def zero_fraction(self):
+        s = self._activation_terms["stats"]
+        return s[:, 2] / s[:, 3]
+
+    # ---- weights ---------------------------------------------------------------------------
+    def _filters(self, fn, sources):
+        parts, ids = [], []
+        for variable, layout, channels, groups, grad_index in sources:
+            value = _per_channel(ops.cast(ops.convert_to_tensor(variable), "float32"), layout, channels)
+            grad = None
+            if grad_index is not None and self._weight_grads[grad_index] is not None:
+                grad = _per_channel(self._unscale(ops.cast(self._weight_grads[grad_index], "float32")), layout, channels)
+            parts.append(fn(value, grad))
+            ids.append(groups)
+        return self._segments(ops.concatenate(parts), np.concatenate(ids))
+
+    @property
+    def filter_grad(self):
+        """`Σ_{filters} w·∂L/∂w` per group (global batch)."""
+        zero = lambda w, g: ops.zeros((w.shape[1],), "float32")  # noqa: E731
+        fn = lambda w, g: zero(w, g) if g is None else ops.sum(w * g, axis=0)  # noqa: E731
+        return _replica_sum(self._filters(fn, self._scorer.filter_sources))
+
+    @property
+    def filter_l1(self):
+        return self._filters(lambda w, g: ops.sum(ops.abs(w), axis=0), self._scorer.filter_sources)
+
+    @property
+    def filter_sq(self):
+        return self._filters(lambda w, g: ops.sum(w * w, axis=0), self._scorer.filter_sources)
+
+    @property
+    def bn_scale(self):
+        """`Σ |γ|` over the group's BatchNorm channels (0 for groups with none;
+        see `TaylorScorer.bn_groups`)."""
+        sources = self._scorer.bn_sources
+        if not sources:
+            return ops.zeros((self.num_groups,), "float32")
+        return self._filters(lambda w, g: ops.sum(ops.abs(w), axis=0), sources)
 
 
 class TaylorScorer:
@@ -56,10 +241,59 @@ class TaylorScorer:
         keep = groups < self.num_groups
         self._first_member = np.full((self.num_groups, 2), -1, dtype=np.int64)
         self._first_member[groups[keep]] = np.stack([gate_of[pos[keep]], channel_of[pos[keep]]], axis=1)
+        self._groups_by_gate = {id(l): g for l, g in zip(self.gates, self._gate_groups)}
+        self._graph = graph
+        self._filter_sources = None
+        self._bn_sources = None
+        self.criterion.build(self.num_groups)
         self._scoring_function = None
         self._own_function = None
         self._cache_key = None
         self._counters = self.gates[0].counters
+
+    def gate_groups_of(self, gate) -> np.ndarray:
+        """The group of each channel of a gate (fixed channels: `num_groups`)."""
+        return self._groups_by_gate[id(gate)]
+
+    def _weight_index(self):
+        return {id(v): i for i, v in enumerate(self.model.trainable_weights)}
+
+    @property
+    def filter_sources(self) -> list:
+        """`(variable, layout, channels, groups, grad index)` of every weight that
+        makes channels (the kernel slices and biases of each Conv/Dense)."""
+        if self._filter_sources is None:
+            graph, index, sources = self._graph, self._weight_index(), []
+            for name, out_map in graph.creating_layers().items():
+                node = graph.first_node(name)
+                layer, channels = node.inner, len(out_map)
+                groups = graph.group_of_comp[graph.comp_of[out_map]]
+                groups = np.where(groups >= 0, groups, self.num_groups).astype("int32")
+                for v in node.handler.gate_variables(layer):
+                    layout = _channel_layout(node.handler, layer, v, channels)
+                    if layout is not None:
+                        sources.append((v, layout, channels, groups, index.get(id(v))))
+            self._filter_sources = sources
+        return self._filter_sources
+
+    @property
+    def bn_sources(self) -> list:
+        """`(gamma, "last", channels, groups, None)` of every gated BatchNormalization."""
+        if self._bn_sources is None:
+            self._bn_sources = [
+                (l.layer.gamma, "last", l.channels, self.gate_groups_of(l), None)
+                for l in self.gates
+                if isinstance(l.layer, keras.layers.BatchNormalization) and l.layer.scale
+            ]
+        return self._bn_sources
+
+    @property
+    def bn_groups(self) -> np.ndarray:
+        """Boolean per group: at least one member channel is a gated BN channel."""
+        mask = np.zeros(self.num_groups + 1, dtype=bool)
+        for *_, groups, _ in self.bn_sources:
+            mask[groups] = True
+        return mask[: self.num_groups]
 
     # ---- in-graph ------------------------------------------------------------
     def group_gate_grads(self, gate_grads):
@@ -68,19 +302,19 @@ class TaylorScorer:
         summed = ops.segment_sum(flat, ops.convert_to_tensor(self._segment_ids), num_segments=self.num_groups + 1)
         return summed[: self.num_groups]
 
-    def accumulate(self, gate_grads, batch_finite=None):
+    def accumulate(self, signals, batch_finite=None):
         """Adds one minibatch's scores (in-graph). Skips batches with NaN/Inf.
 
-        `batch_finite` (optional boolean scalar): when false, the batch is
-        skipped too, as a `LossScaleOptimizer` skips a step whose weight
-        gradients overflowed even where the gate gradients did not.
+        `signals`: a `Signals`, or the list of gate gradients (one tensor per
+        gate layer). `batch_finite` (optional boolean scalar): when false, the
+        batch is skipped too, as a `LossScaleOptimizer` skips a step whose
+        weight gradients overflowed even where the gate gradients did not.
         """
-        group_grad = self.group_gate_grads(gate_grads)
+        if not isinstance(signals, Signals):
+            signals = Signals(self, signals, [], [], [], 1.0)
         ctx = tf.distribute.get_replica_context()
         multi = ctx is not None and ctx.num_replicas_in_sync > 1
-        if multi:
-            group_grad = ctx.all_reduce(tf.distribute.ReduceOp.SUM, group_grad)
-        score = ops.cast(self.criterion.batch_score(group_grad), "float32")
+        score = ops.cast(self.criterion.batch_score(signals), "float32")
         finite = ops.all(ops.isfinite(score))
         if batch_finite is not None:
             bad = ops.where(batch_finite, 0.0, 1.0)
@@ -98,13 +332,17 @@ class TaylorScorer:
         model = self.model
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         gate_vars = [l.gate.value for l in self.gates]
+        # Criteria that read activations keep the gate outputs of this forward
+        # pass; their gradients come from the same tape.
+        record = recording_outputs() if self.criterion.uses_activations else contextlib.nullcontext([])
         with tf.GradientTape() as tape:
             for v in gate_vars:
                 tape.watch(v)
-            if _compat.call_has_training_arg(model):
-                y_pred = model(x, training=True)
-            else:
-                y_pred = model(x)
+            with record as calls:
+                if _compat.call_has_training_arg(model):
+                    y_pred = model(x, training=True)
+                else:
+                    y_pred = model(x)
             loss = _compat.compute_loss(model, x, y, y_pred, sample_weight)
             batch = tf.shape(next(i for i in tf.nest.flatten(x) if i is not None))[0]
             _compat.loss_tracker(model).update_state(
@@ -112,21 +350,24 @@ class TaylorScorer:
             )
             if model.optimizer is not None:
                 loss = model.optimizer.scale_loss(loss)
-        weights = model.trainable_weights
-        grads = tape.gradient(loss, list(weights) + gate_vars)
+        weights = list(model.trainable_weights)
+        outputs = [y for _, y in calls]
+        grads = tape.gradient(loss, weights + gate_vars + outputs)
         # Loss scaling (mixed precision) scales every gradient: undo it with
         # the scale read now, before `apply_gradients`, where a
         # LossScaleOptimizer halves it (overflow) or doubles it (growth).
         scale = model.optimizer.scale_loss(1.0) if model.optimizer is not None else 1.0
-        model.optimizer.apply_gradients(zip(grads[: len(weights)], weights))
-        gate_grads = grads[len(weights):]
+        weight_grads = grads[: len(weights)]
+        model.optimizer.apply_gradients(zip(weight_grads, weights))
+        gate_grads = grads[len(weights) : len(weights) + len(gate_vars)]
         batch_finite = None
         if not (isinstance(scale, (int, float)) and scale == 1.0):
             gate_grads = [g / ops.cast(scale, g.dtype) for g in gate_grads]
             # Skip the steps the optimizer skips (non-finite weight gradients).
-            checks = [ops.all(ops.isfinite(g)) for g in grads[: len(weights)] if g is not None]
+            checks = [ops.all(ops.isfinite(g)) for g in weight_grads if g is not None]
             batch_finite = ops.all(ops.stack(checks)) if checks else None
-        self.accumulate(gate_grads, batch_finite)
+        signals = Signals(self, gate_grads, calls, grads[len(weights) + len(gate_vars) :], weight_grads, scale, batch)
+        self.accumulate(signals, batch_finite)
         return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
     # ---- host ------------------------------------------------------------------
