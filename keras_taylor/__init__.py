@@ -15,6 +15,7 @@ References:
 """
 
 from keras_taylor.callbacks import TaylorPruning
+from keras_taylor import criteria, oracle
 from keras_taylor.criteria import Criterion, TaylorFOBN
 from keras_taylor.flops import Profile, profile
 from keras_taylor.gates import ChannelGate, add_gates, gate_values, is_gated, strip_gates
@@ -25,6 +26,7 @@ from keras_taylor.scoring import TaylorScorer
 from keras_taylor.surgery import apply_plan, prune
 from keras_taylor.nesting import inline_nested_models
 from keras_taylor.monitor import PruningTensorBoard, plot_channels, plot_history
+from keras_taylor.oracle import oracle_deltas, plot_correlations, rank_correlations
 
 __version__ = "0.1.0"
 
@@ -43,13 +45,18 @@ __all__ = [
     "add_gates",
     "analyze",
     "apply_plan",
+    "criteria",
     "gate_values",
     "inline_nested_models",
     "is_gated",
     "plot_channels",
+    "oracle",
+    "oracle_deltas",
+    "plot_correlations",
     "plot_history",
     "profile",
     "prune",
+    "rank_correlations",
     "register_handler",
     "strip_gates",
 ]
