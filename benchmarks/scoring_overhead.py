@@ -12,6 +12,11 @@ step time and the median [min–max] of per-round ratios.
 
     python benchmarks/scoring_overhead.py                 # ResNet-14, 28×28, batch 128
     python benchmarks/scoring_overhead.py --jit_compile
+    python benchmarks/scoring_overhead.py --criteria=taylor_fo_fg,iclr17_taylor,...
+
+`--criteria` adds one `scoring:<id>` variant per criterion to the same
+rounds and reports each one's step time ÷ the Taylor-FO-BN `scoring` variant:
+what per-example gradients and activation statistics cost.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ flags.DEFINE_integer("steps", 10, "Minibatches per variant per round.")
 flags.DEFINE_integer("batch_size", 128, "Batch size.")
 flags.DEFINE_integer("blocks", 2, "Residual blocks per stage (2: ResNet-14).")
 flags.DEFINE_bool("jit_compile", False, "Compile the train step with XLA.")
+flags.DEFINE_list("criteria", [], "Extra criteria to time against the default Taylor-FO-BN scoring.")
 flags.DEFINE_string("output", None, "JSON output path (default benchmarks/results/scoring_overhead[_jit].json).")
 
 
@@ -76,6 +82,9 @@ def main(argv):
     scored = compile_model(kt.add_gates(base))
     pruner = kt.TaylorPruning(target=0.5, prune_every=10**9)
     variants["scoring"] = (scored, [pruner])
+    for criterion in FLAGS.criteria:
+        extra = kt.TaylorPruning(target=0.5, prune_every=10**9, criterion=criterion)
+        variants[f"scoring:{criterion}"] = (compile_model(kt.add_gates(base)), [extra])
     for model, cbs in variants.values():  # warm-up: trace and compile
         model.fit(x, y, batch_size=FLAGS.batch_size, epochs=1, steps_per_epoch=5, verbose=0, callbacks=cbs)
     per_round = {k: [] for k in variants}
@@ -88,7 +97,9 @@ def main(argv):
     assert float(pruner._scorer.steps.numpy()) > 0, "the scoring step did not run"
     t = {k: np.array(v) for k, v in per_round.items()}
     result = {
-        "command": "python benchmarks/scoring_overhead.py" + (" --jit_compile" if FLAGS.jit_compile else ""),
+        "command": "python benchmarks/scoring_overhead.py"
+        + (" --jit_compile" if FLAGS.jit_compile else "")
+        + (f" --criteria={','.join(FLAGS.criteria)}" if FLAGS.criteria else ""),
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
         "model": f"ResNet-{2 + 6 * FLAGS.blocks} (widths 16/32/64), 28x28x1, batch {FLAGS.batch_size}",
@@ -97,11 +108,13 @@ def main(argv):
         "steps_per_round": FLAGS.steps,
         "median_step_ms": {k: float(np.median(v) * 1e3) for k, v in t.items()},
     }
-    for num, den in (("scoring", "gated"), ("scoring", "original"), ("gated", "original")):
+    pairs = [("scoring", "gated"), ("scoring", "original"), ("gated", "original")]
+    pairs += [(f"scoring:{c}", "scoring") for c in FLAGS.criteria]
+    for num, den in pairs:
         r = t[num] / t[den]
         result[f"{num}/{den}"] = {"median": float(np.median(r)), "min": float(r.min()), "max": float(r.max())}
     out = FLAGS.output or os.path.join(
-        os.path.dirname(__file__), "results", "scoring_overhead" + ("_jit" if FLAGS.jit_compile else "") + ".json"
+        os.path.dirname(__file__), "results", "scoring_overhead" + ("_jit" if FLAGS.jit_compile else "") + ("_criteria" if FLAGS.criteria else "") + ".json"
     )
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:

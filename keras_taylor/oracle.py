@@ -31,6 +31,7 @@ References:
 from __future__ import annotations
 
 import hashlib
+import sys
 import json
 import os
 import warnings
@@ -195,7 +196,9 @@ def _evaluate(gated, gate_layers, graph, batches, progress: bool) -> np.ndarray:
     original = [keras.ops.convert_to_numpy(l.gate.value) for l in gate_layers]
     base = _mean_loss(loss_fn, batches)
     deltas = np.full(graph.num_groups, np.nan)
-    bar = keras.utils.Progbar(graph.num_groups, unit_name="group") if progress else None
+    # A live bar on a terminal; one line at the end in a log file.
+    verbose = 1 if sys.stdout.isatty() else 2
+    bar = keras.utils.Progbar(graph.num_groups, unit_name="group", verbose=verbose) if progress else None
     for g, slots in enumerate(_group_slots(gate_layers, graph)):
         if slots and any(np.any(original[i][ch] != 0) for i, ch in slots):
             for i, ch in slots:

@@ -443,14 +443,14 @@ CASES = [
         ]
     ],
     case("TaylorPruning-criterion='bogus'", None, lambda m, c: kt.TaylorPruning(criterion="bogus"),
-         ValueError, r"criterion='bogus'", r"Expected a criterion id in \['taylor_fo_bn'\]"),
+         ValueError, r"criterion='bogus'", r"Expected a criterion id in \[.*'taylor_fo_bn'.*\]"),
     case("TaylorPruning-momentum='0.9'", None, lambda m, c: kt.TaylorPruning(momentum="0.9"),
          ValueError, r"momentum='0\.9'", r"Expected momentum in \[0, 1\)"),
     case("TaylorPruning-channels_per_step=True", None, lambda m, c: kt.TaylorPruning(channels_per_step=True),
          ValueError, r"channels_per_step=True", r"Expected channels_per_step to be an integer >= 1"),
     case("TaylorPruning-fit-criterion='bogus'", lambda: compiled(gated()),
          lambda m, c: fit_with(m, criterion="bogus"), ValueError,
-         r"criterion='bogus'", r"Expected a criterion id in \['taylor_fo_bn'\]"),
+         r"criterion='bogus'", r"Expected a criterion id in \[.*'taylor_fo_bn'.*\]"),
     # (A model without Dropout: Keras's own fit machinery advances Dropout's seed state.)
     case("TaylorPruning-fit-empty_dataset", lambda: compiled(kt.add_gates(make("residual"))),
          lambda m, c: m.fit(np.zeros((0, 16, 16, 3), "float32"), np.zeros((0,), "int64"), epochs=1, verbose=0,
