@@ -31,9 +31,9 @@ References:
 from __future__ import annotations
 
 import hashlib
-import sys
 import json
 import os
+import sys
 import warnings
 
 import keras
