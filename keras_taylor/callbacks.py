@@ -5,7 +5,8 @@ The callback holds no math. It installs the scoring train step
 it reads the averaged scores (one host read per pruning step, none per
 minibatch), smooths them with an EMA, ranks all channel groups of all layers
 in one global list, and sets the gates of the lowest-ranked groups to 0, until
-the model is down to its target. Pruned gates stay 0: nothing revives them.
+the model is down to its target. Pruned gates stay 0: nothing revives them
+(except the optional `channel_multiple` rounding at the last pruning step).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 import keras
 import numpy as np
 
+from keras_taylor import align as align_lib
 from keras_taylor import criteria as criteria_lib
 from keras_taylor import graph as graph_lib
 from keras_taylor.flops import CostModel, removed_groups_from_gates
@@ -89,6 +91,12 @@ class TaylorPruning(keras.callbacks.Callback):
             baselines `"bn_scale"`, `"weight_l1"`, `"weight_l2"`,
             `"activation_mean"`, `"activation_std"`, `"apoz"`, `"random"`)
             or a `Criterion`. Defaults to `"taylor_fo_bn"`.
+        channel_multiple: when set (8, 16), the last pruning step rounds
+            every Conv/Dense layer's kept channels to a multiple of it (or its
+            full width; `keras_taylor.align.align_to_target`), staying at or
+            under `target`: it may restore a few of the last-removed groups
+            of a layer (weights as they were) and remove a few more
+            low-scored ones elsewhere. Defaults to `None` (no rounding).
 
     Example:
 
@@ -116,6 +124,7 @@ class TaylorPruning(keras.callbacks.Callback):
         min_channels: int = 1,
         start_step: int = 0,
         criterion="taylor_fo_bn",
+        channel_multiple: int | None = None,
     ):
         super().__init__()
         if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0.0 < float(target) <= 1.0:
@@ -125,6 +134,10 @@ class TaylorPruning(keras.callbacks.Callback):
         for arg, value, low in (("prune_every", prune_every, 1), ("min_channels", min_channels, 1), ("start_step", start_step, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"Expected {arg} to be an integer >= {low}. Received: {arg}={value!r}")
+        if channel_multiple is not None and (
+            isinstance(channel_multiple, bool) or not isinstance(channel_multiple, int) or channel_multiple < 1
+        ):
+            raise ValueError(f"Expected channel_multiple to be None or an integer >= 1. Received: channel_multiple={channel_multiple!r}")
         if channels_per_step is not None and (
             isinstance(channels_per_step, bool) or not isinstance(channels_per_step, int) or channels_per_step < 1
         ):
@@ -138,6 +151,7 @@ class TaylorPruning(keras.callbacks.Callback):
         self.momentum = float(momentum)
         self.min_channels = min_channels
         self.start_step = start_step
+        self.channel_multiple = channel_multiple
         criteria_lib.get(criterion)  # refuse an unknown criterion now, not at fit time
         self.criterion = criterion
         self._graph = None
@@ -341,16 +355,46 @@ class TaylorPruning(keras.callbacks.Callback):
         self.history.append(record)
         logger.info("keras_taylor: step %d removed %d groups (%d total); FLOPs %.3f", self._step, len(taken), len(self.removed), record["flops_fraction"])
         if self.done:
+            if self.channel_multiple and self.channel_multiple > 1:
+                self._align(record)
             # Pruning is over: the rest of fit is plain fine-tuning.
             self._uninstall()
 
-    def _set_gates(self, removed) -> None:
+    def _align(self, record: dict) -> None:
+        """Rounds every layer's kept channels to `channel_multiple` (last step)."""
+        graph = self._graph
+        removed = set(self.removed)
+        ranked = np.asarray(self._scorer.criterion.rank(self.ema, self._context), dtype="float64")
+        ranked = np.where(np.isfinite(ranked), ranked, np.inf)
+        aligned = align_lib.align_to_target(
+            graph, removed, ranked, self.channel_multiple,
+            lambda r: self._fraction(graph.alive_ids(r)), self.target, min_channels=self.min_channels,
+        )
+        restored = removed - aligned
+        self.removed = [g for g in self.removed if g in aligned] + sorted(aligned - removed)
+        self._set_gates(aligned, restored)
+        frac = self._measure(graph.alive_ids(aligned))
+        record.update(
+            aligned_to=self.channel_multiple, restored=len(restored), added=len(aligned - removed),
+            removed_total=len(self.removed),
+            flops_fraction=frac["flops"] / self._base["flops"],
+            params_fraction=frac["params"] / self._base["params"],
+            channels_fraction=frac["channels"] / self._base["channels"],
+        )
+        logger.info(
+            "keras_taylor: aligned to multiples of %d: %d groups restored, %d more removed; FLOPs %.3f",
+            self.channel_multiple, len(restored), len(aligned - removed), record["flops_fraction"],
+        )
+
+    def _set_gates(self, removed, restored=()) -> None:
         removed_arr = np.array(sorted(removed), dtype=np.int64)
+        restored_arr = np.array(sorted(restored), dtype=np.int64)
         for layer in gate_layers(self.model):
             groups = self._graph.groups_of_layer_output(layer.name)
             off = np.isin(groups, removed_arr) & (groups >= 0)
+            back = np.isin(groups, restored_arr) & (groups >= 0)
             current = keras.ops.convert_to_numpy(layer.gate.value)
-            new = np.where(off, 0.0, current).astype("float32")
+            new = np.where(off, 0.0, np.where(back, 1.0, current)).astype("float32")
             if not np.array_equal(new, current):
                 layer.gate.assign(new)
 
