@@ -43,7 +43,8 @@ from keras_taylor import criteria, datasets, models, oracle  # noqa: E402
 from keras_taylor.callbacks import ranking_context  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("part", "all", ["all", "correlation", "curves"], "What to run.")
+flags.DEFINE_enum("part", "all", ["all", "correlation", "curves", "diagnostics"], "What to run.")
+flags.DEFINE_list("diagnostic_batches", ["25", "50", "100", "200", "400"], "Diagnostics: minibatch counts.")
 flags.DEFINE_string("output_dir", "runs/criteria_study", "Cached model, oracle and raw results.")
 flags.DEFINE_string("results_dir", os.path.join(os.path.dirname(__file__), "results"), "JSON results.")
 flags.DEFINE_string("plot_dir", "docs/img", "PNG plots.")
@@ -174,6 +175,61 @@ def correlation(base, train, held, test):
     return result
 
 
+# ---- diagnostics: why a criterion's correlation is what it is -----------------------------
+def diagnostics(base, train, held):
+    """(1) Spearman of Taylor-FO-BN / FO-FG with the oracle as minibatches
+    accumulate (the per-minibatch FO score of a trained model is a noisy
+    gradient-variance estimate); (2) the oracle's split-half reliability: the
+    Spearman between its two 1,000-image halves bounds what any criterion can
+    reach against it."""
+    from scipy import stats
+
+    gated = compile_model(kt.add_gates(base), 0.0)
+    graph = kt.analyze(gated)
+    n = FLAGS.oracle_images
+    full = oracle.oracle_deltas(gated, (held[0][:n], held[1][:n]), graph=graph,
+                                cache=os.path.join(FLAGS.output_dir, "oracle.npz"))
+    half = oracle.oracle_deltas(gated, (held[0][: n // 2], held[1][: n // 2]), graph=graph,
+                                cache=os.path.join(FLAGS.output_dir, "oracle_half.npz"))
+    other = 2 * full - half  # equal halves: the full mean is their average
+    reliability = float(stats.spearmanr(np.abs(half), np.abs(other))[0])
+    counts = sorted(int(c) for c in FLAGS.diagnostic_batches)
+    rng = np.random.default_rng(FLAGS.seed + 2)
+    pick = rng.choice(len(train[0]), counts[-1] * FLAGS.batch_size, replace=False)
+    x, y = train[0][pick], train[1][pick]
+    curves_out = {}
+    saved = gated.get_weights()
+    for name in ("taylor_fo_bn", "taylor_fo_fg"):
+        scorer = kt.TaylorScorer(gated, graph, name)
+        scorer.install()
+        scorer.reset()
+        done, rows = 0, []
+        try:
+            for c in counts:
+                lo, hi = done * FLAGS.batch_size, c * FLAGS.batch_size
+                gated.fit(x[lo:hi], y[lo:hi], batch_size=FLAGS.batch_size, epochs=1, shuffle=False, verbose=0)
+                done = c
+                mean, steps = scorer.read()
+                rows.append({"minibatches": int(steps), "spearman": float(stats.spearmanr(mean, np.abs(full))[0]),
+                             "kendall": float(stats.kendalltau(mean, np.abs(full))[0])})
+                print(f"   {name}: {int(steps)} minibatches, Spearman {rows[-1]['spearman']:.3f}")
+        finally:
+            scorer.uninstall()
+            gated.set_weights(saved)
+        curves_out[name] = rows
+    result = {
+        "command": "python benchmarks/criteria_study.py --part=diagnostics",
+        "date": time.strftime("%Y-%m-%d"),
+        "oracle_split_half_spearman": reliability,
+        "oracle_images_per_half": n // 2,
+        "spearman_vs_minibatches": curves_out,
+    }
+    with open(os.path.join(FLAGS.results_dir, "criteria_diagnostics.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"   oracle split-half Spearman ({n // 2} vs {n // 2} images): {reliability:.3f}")
+    return result
+
+
 # ---- part 2: accuracy vs FLOPs --------------------------------------------------------------
 class Snapshots(keras.callbacks.Callback):
     """Keeps the weights at the first pruning step at or below each FLOPs level,
@@ -260,6 +316,8 @@ def main(argv):
     started = time.time()
     if FLAGS.part in ("all", "correlation"):
         correlation(base, train, held, test)
+    if FLAGS.part == "diagnostics":
+        diagnostics(base, train, held)
     if FLAGS.part in ("all", "curves"):
         rows = curves(base, train, test)
         dense = top1(compile_model(base, 0.0), test)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -40,7 +41,10 @@ FLAGS = flags.FLAGS
 flags.DEFINE_integer("rounds", 30, "Interleaved rounds.")
 flags.DEFINE_integer("steps", 10, "Minibatches per variant per round.")
 flags.DEFINE_integer("batch_size", 128, "Batch size.")
-flags.DEFINE_integer("blocks", 2, "Residual blocks per stage (2: ResNet-14).")
+flags.DEFINE_integer("blocks", 2, "Residual blocks per stage of the CIFAR-style ResNet (2: ResNet-14, 3: ResNet-20).")
+flags.DEFINE_enum("model", "cifar_resnet", ["cifar_resnet", "resnet50"], "cifar_resnet: models.resnet; resnet50: keras.applications.ResNet50 (random weights).")
+flags.DEFINE_integer("input_size", None, "Input height/width (default 28 for cifar_resnet with 1 channel, 64 for resnet50).")
+flags.DEFINE_integer("channels", None, "Input channels (default 1 for cifar_resnet, 3 for resnet50).")
 flags.DEFINE_bool("jit_compile", False, "Compile the train step with XLA.")
 flags.DEFINE_list("criteria", [], "Extra criteria to time against the default Taylor-FO-BN scoring.")
 flags.DEFINE_string("output", None, "JSON output path (default benchmarks/results/scoring_overhead[_jit].json).")
@@ -72,9 +76,16 @@ def main(argv):
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
     n = FLAGS.steps * FLAGS.batch_size
-    x = rng.uniform(0, 1, (n, 28, 28, 1)).astype("float32")
+    size = FLAGS.input_size or (28 if FLAGS.model == "cifar_resnet" else 64)
+    channels = FLAGS.channels or (1 if FLAGS.model == "cifar_resnet" else 3)
+    x = rng.uniform(0, 1, (n, size, size, channels)).astype("float32")
     y = rng.integers(0, 10, n).astype("int32")
-    base = models.resnet(widths=(16, 32, 64), blocks_per_stage=FLAGS.blocks)
+    if FLAGS.model == "resnet50":
+        base = keras.applications.ResNet50(weights=None, input_shape=(size, size, channels), classes=10)
+        description = f"keras.applications.ResNet50 (random weights), {size}x{size}x{channels}, batch {FLAGS.batch_size}"
+    else:
+        base = models.resnet(input_shape=(size, size, channels), widths=(16, 32, 64), blocks_per_stage=FLAGS.blocks)
+        description = f"ResNet-{2 + 6 * FLAGS.blocks} (widths 16/32/64), {size}x{size}x{channels}, batch {FLAGS.batch_size}"
     variants = {
         "original": (compile_model(base), []),
         "gated": (compile_model(kt.add_gates(base)), []),
@@ -97,15 +108,14 @@ def main(argv):
     assert float(pruner._scorer.steps.numpy()) > 0, "the scoring step did not run"
     t = {k: np.array(v) for k, v in per_round.items()}
     result = {
-        "command": "python benchmarks/scoring_overhead.py"
-        + (" --jit_compile" if FLAGS.jit_compile else "")
-        + (f" --criteria={','.join(FLAGS.criteria)}" if FLAGS.criteria else ""),
+        "command": " ".join(["python benchmarks/scoring_overhead.py"] + sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
-        "model": f"ResNet-{2 + 6 * FLAGS.blocks} (widths 16/32/64), 28x28x1, batch {FLAGS.batch_size}",
+        "model": description,
         "jit_compile": FLAGS.jit_compile,
         "rounds": FLAGS.rounds,
         "steps_per_round": FLAGS.steps,
+        "load_average_at_end": list(os.getloadavg()),
         "median_step_ms": {k: float(np.median(v) * 1e3) for k, v in t.items()},
     }
     pairs = [("scoring", "gated"), ("scoring", "original"), ("gated", "original")]

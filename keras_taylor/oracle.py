@@ -471,7 +471,7 @@ def plot_correlations(correlations: dict, scores: dict, oracle, path) -> str:
     x = np.arange(len(names))
     for off, stat, color in ((-0.2, "spearman", "#4c72b0"), (0.2, "kendall", "#d1603d")):
         ax.bar(x + off, [correlations.get(n, {}).get(stat, np.nan) for n in names], 0.4, label=stat, color=color)
-    ax.set_xticks(x, names, fontsize=8)
+    ax.set_xticks(x, names, fontsize=8, rotation=30, ha="right")
     ax.set_ylabel("rank correlation with |ΔL|")
     ax.axhline(0.0, color="black", linewidth=0.8)
     ax.legend()
