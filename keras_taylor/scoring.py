@@ -16,7 +16,6 @@ batch.
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import keras
 import numpy as np
@@ -53,6 +52,24 @@ def _channel_layout(handler, layer, variable, channels: int):
     return None
 
 
+def _cached(fn):
+    """A per-instance cached property without a lock.
+
+    (`functools.cached_property` takes one lock per class attribute in
+    Python < 3.12: under a `tf.distribute` strategy, replica threads tracing
+    their own `Signals` would block on it while another holds it inside an
+    all-reduce, which waits for them: a deadlock.)
+    """
+    name = fn.__name__
+
+    def get(self):
+        if name not in self._cache:
+            self._cache[name] = fn(self)
+        return self._cache[name]
+
+    return property(get, doc=fn.__doc__)
+
+
 def _per_channel(value, layout, channels):
     if layout == "second_last":
         value = ops.moveaxis(value, -2, -1)
@@ -76,6 +93,7 @@ class Signals:
         self._weight_grads = weight_grads
         self._scale = scale
         self._batch = batch
+        self._cache = {}
         self.num_groups = scorer.num_groups
 
     def _segments(self, per_channel, segment_ids):
@@ -89,13 +107,13 @@ class Signals:
         return g / ops.cast(self._scale, g.dtype)
 
     # ---- gate gradients -------------------------------------------------------------
-    @functools.cached_property
+    @_cached
     def group_grad(self):
         """`∂L/∂m` per group: the members' gate gradients summed (global batch)."""
         return _replica_sum(self._scorer.group_gate_grads(self._gate_grads))
 
     # ---- activations (recorded gate outputs) ------------------------------------------
-    @functools.cached_property
+    @_cached
     def _activation_terms(self):
         """Per channel of every recorded gate call: per-example `E_b` and its
         spatial mean, `Σ_b mean_{h,w} |a·g|`, and sums of `relu(a)` statistics."""
@@ -136,7 +154,7 @@ class Signals:
             "stats": _replica_sum(self._segments(ops.concatenate(stats, axis=0), ids)),  # (G, 4)
         }
 
-    @functools.cached_property
+    @_cached
     def examples(self):
         """Examples in the (global) minibatch."""
         if self._batch is None:
