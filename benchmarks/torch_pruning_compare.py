@@ -1,0 +1,367 @@
+"""Quality against Torch-Pruning: keras_taylor's Taylor-FO-BN vs Torch-Pruning's
+GroupTaylorImportance on the same ResNet, data, schedule and FLOPs target.
+
+    python benchmarks/torch_pruning_compare.py                    # main job sizes, seed 0
+    python benchmarks/torch_pruning_compare.py --seeds 0,1
+    python benchmarks/torch_pruning_compare.py --train_subset 20000 --epochs 3 --prune_epochs 3
+    python benchmarks/torch_pruning_compare.py --quick            # smoke run (ResNet-8, 2,560 images)
+    python benchmarks/torch_pruning_compare.py --shared_dense     # control: both prune the Keras-trained model
+
+The runs behind benchmarks/sections/torch_pruning.md (≈38 + 20 min on 2 busy cores):
+
+    python benchmarks/torch_pruning_compare.py --seeds 0,1 --train_subset 20000 --epochs 3 --prune_epochs 3 --prune_every 10
+    python benchmarks/torch_pruning_compare.py --shared_dense --seeds 0,1 --train_subset 20000 --epochs 3 --prune_epochs 3 --prune_every 10
+
+For each seed:
+  1. build `keras_taylor.models.resnet` (widths 16/32/64) with `keras.utils.set_random_seed(seed)`;
+     write its *initial* weights, the Fashion-MNIST arrays (the ones
+     `keras_taylor.datasets` loads; the same `train_subset` selection as
+     `fashion_mnist_datasets`), one seeded permutation per epoch, and the
+     model's initial logits on 8 test images to `<work_dir>/seed<k>.npz`;
+  2. PyTorch side (`benchmarks/torch_side.py`, in `.venv-torch`, created here
+     when missing): the same ResNet in PyTorch loaded with those initial
+     weights (checked against the Keras logits), trained on the same
+     minibatches in the same order with the same optimizer and schedule, then
+     pruned with Torch-Pruning (`BasePruner(global_pruning=True)`,
+     `GroupTaylorImportance()`, one `pruner.step()` every `prune_every`
+     minibatches on gradients summed over them, `iterative_steps` set so each
+     step removes `channels_per_step` groups) until its conv+linear MACs are
+     at most `target` of the unpruned net's, then fine-tuned;
+  3. Keras side, in this process: the main job's recipe
+     (`examples/fashion_mnist.py`): SGD(momentum 0.9, Nesterov), cosine decay
+     0.1 -> 0.001 over the training epochs, then `add_gates` +
+     `TaylorPruning(target, metric="flops", prune_every, channels_per_step)`
+     with cosine decay 0.02 -> 0.001 over the pruning epochs, then
+     `keras_taylor.prune`.
+With `--shared_dense`, step 2 skips its training and starts pruning from the
+Keras model trained in step 3 (weights and BN statistics copied, logits
+checked), so the two pruners start from the same dense model.
+Both sides run one after the other (not concurrently), so their wall times are
+comparable. Results: `benchmarks/results/torch_pruning_compare.json`, one entry
+per experiment (`independent_training`, `shared_dense_start`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags  # noqa: E402
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import keras_taylor as kt  # noqa: E402
+from keras_taylor import datasets, models  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TORCH_VENV = os.path.join(REPO, ".venv-torch")
+TORCH_PY = os.path.join(TORCH_VENV, "bin", "python")
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("seeds", ["0"], "Seeds (init, subset, epoch order); each runs both sides.")
+flags.DEFINE_bool("quick", False, "Smoke sizes: ResNet-8, 2,560 images, 1+2 epochs, prune_every 2.")
+flags.DEFINE_integer("epochs", 4, "Training epochs before pruning.")
+flags.DEFINE_integer("prune_epochs", 4, "Epochs of pruning + fine-tuning.")
+flags.DEFINE_integer("prune_every", 30, "Minibatches between pruning steps (K), both sides.")
+flags.DEFINE_integer("channels_per_step", 8, "Channel groups removed per pruning step (N), both sides.")
+flags.DEFINE_float("target", 0.5, "Prune until conv+dense MACs are at most this fraction.")
+flags.DEFINE_float("torch_pruning_ratio", 0.5, "Torch-Pruning's pruning_ratio (channel fraction at its last iterative step).")
+flags.DEFINE_integer("train_subset", None, "Use this many training images (default: all 60,000).")
+flags.DEFINE_integer("batch_size", 128, "Batch size.")
+flags.DEFINE_integer("blocks", 2, "Residual blocks per stage (2: ResNet-14).")
+flags.DEFINE_integer("torch_threads", 2, "torch.set_num_threads on the PyTorch side.")
+flags.DEFINE_bool(
+    "shared_dense", False,
+    "Control experiment: the PyTorch side skips its own training and starts pruning from the Keras "
+    "side's trained weights, so both pruners start from the same dense model.",
+)
+flags.DEFINE_enum("sides", "both", ["both", "keras", "torch"], "Which sides to run.")
+flags.DEFINE_string("work_dir", "runs/torch_pruning_compare", "Where the .npz exports and the torch JSONs go.")
+flags.DEFINE_string("output", None, "Result JSON (default benchmarks/results/torch_pruning_compare.json).")
+
+
+# ------------------------------------------------------------------ torch venv
+def ensure_torch_venv() -> None:
+    """Creates `.venv-torch` with CPU-only torch 2.13.0 + torch-pruning when missing."""
+    if os.path.exists(TORCH_PY):
+        return
+    print(f"== Creating {TORCH_VENV}", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", TORCH_VENV], check=True)
+    pip = [TORCH_PY, "-m", "pip", "install", "-q"]
+    cpu_index = ["--index-url", "https://download.pytorch.org/whl/cpu", "--timeout", "20", "--retries", "1"]
+    if subprocess.run(pip + ["torch==2.13.0"] + cpu_index).returncode != 0:
+        # PyPI (and any configured find-links); prefer the CPU build when one is offered.
+        if subprocess.run(pip + ["torch==2.13.0+cpu"]).returncode != 0:
+            subprocess.run(pip + ["torch==2.13.0"], check=True)
+    subprocess.run(pip + ["torch-pruning", "numpy"], check=True)
+    listing = subprocess.run([TORCH_PY, "-m", "pip", "list"], capture_output=True, text=True, check=True).stdout
+    if "nvidia" in listing.lower():
+        print("WARNING: the torch install pulled CUDA wheels (nvidia-*).", flush=True)
+
+
+def torch_versions() -> dict:
+    out = subprocess.run(
+        [TORCH_PY, "-c", "import torch, numpy; from importlib.metadata import version; "
+         "print(torch.__version__, version('torch-pruning'), numpy.__version__)"],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()
+    return {"torch": out[0], "torch_pruning": out[1], "numpy_torch_venv": out[2]}
+
+
+# ------------------------------------------------------------------ data
+def load_split(seed: int, subset: int | None):
+    """The arrays `keras_taylor.datasets.fashion_mnist_datasets` uses (same subset rule)."""
+    (x_train, y_train), (x_test, y_test) = datasets.load_fashion_mnist()
+    if subset is not None:
+        keep = np.random.default_rng(seed).permutation(len(x_train))[:subset]
+        x_train, y_train = x_train[keep], y_train[keep]
+    return x_train, y_train, x_test, y_test
+
+
+def keras_phase_ds(x, y, orders, batch_size):
+    """Minibatches in exactly `orders` (one index permutation per epoch), /255 float32."""
+    import tensorflow as tf
+
+    x_t, y_t = tf.constant(x), tf.constant(y)
+    ds = None
+    for order in orders:
+        d = tf.data.Dataset.from_tensor_slices(order.astype("int32")).batch(batch_size)
+        ds = d if ds is None else ds.concatenate(d)
+
+    def gather(idx):
+        return tf.cast(tf.gather(x_t, idx), tf.float32)[..., tf.newaxis] / 255.0, tf.cast(tf.gather(y_t, idx), tf.int32)
+
+    return ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+def keras_test_ds(x, y):
+    import tensorflow as tf
+
+    return (
+        tf.data.Dataset.from_tensor_slices((x, y)).batch(1000)
+        .map(lambda a, b: (tf.cast(a, tf.float32)[..., tf.newaxis] / 255.0, tf.cast(b, tf.int32)))
+    )
+
+
+# ------------------------------------------------------------------ keras side
+def compile_model(model, learning_rate):  # as examples/fashion_mnist.py
+    model.compile(
+        optimizer=keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="acc")],
+    )
+    return model
+
+
+def top1(model, test_ds) -> float:
+    compile_model(model, 0.0)
+    return float(model.evaluate(test_ds, verbose=0, return_dict=True)["acc"])
+
+
+class StepTimer(keras.callbacks.Callback):
+    def __init__(self, pruner):
+        super().__init__()
+        self.pruner = pruner
+        self.scoring, self.after = [], []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._done = self.pruner.done
+        self._t = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):  # runs before the pruner's hook (listed first)
+        (self.after if self._done else self.scoring).append(time.perf_counter() - self._t)
+
+
+class TimedTaylorPruning(kt.TaylorPruning):
+    """TaylorPruning that also times its pruning steps (host side) and notes when it finished."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.prune_seconds = 0.0
+        self.phase_start = None
+        self.done_at = None
+
+    def _prune_step(self):
+        t = time.perf_counter()
+        super()._prune_step()
+        self.prune_seconds += time.perf_counter() - t
+        if self.done and self.done_at is None:
+            self.done_at = time.time() - self.phase_start
+
+
+def train_keras(model, data, perms, epochs, steps, verbose):
+    x_train, y_train, x_test, y_test = data
+    started = time.time()
+    compile_model(model, keras.optimizers.schedules.CosineDecay(0.1, decay_steps=epochs * steps, alpha=0.01))
+    model.fit(keras_phase_ds(x_train, y_train, perms[:epochs], FLAGS.batch_size), epochs=epochs,
+              steps_per_epoch=steps, verbose=verbose, shuffle=False)
+    train_s = time.time() - started
+    acc_before = top1(model, keras_test_ds(x_test, y_test))
+    print(f"[keras] top-1 before pruning {acc_before:.4f}", flush=True)
+    return time.time() - started, train_s, acc_before  # (training + evaluation wall, fit wall, top-1)
+
+
+def run_keras(model, data, perms, epochs, prune_epochs, steps, verbose, trained=None):
+    x_train, y_train, x_test, y_test = data
+    test_ds = keras_test_ds(x_test, y_test)
+    dense_wall, train_s, acc_before = trained or train_keras(model, data, perms, epochs, steps, verbose)
+    started = time.time()  # with --shared_dense the PyTorch side ran in between: not counted
+
+    t_phase = time.time()
+    gated = kt.add_gates(model)
+    compile_model(gated, keras.optimizers.schedules.CosineDecay(0.02, decay_steps=prune_epochs * steps, alpha=0.05))
+    pruner = TimedTaylorPruning(target=FLAGS.target, metric="flops", prune_every=FLAGS.prune_every,
+                                channels_per_step=FLAGS.channels_per_step)
+    pruner.phase_start = t_phase
+    timer = StepTimer(pruner)
+    gated.fit(keras_phase_ds(x_train, y_train, perms[epochs:epochs + prune_epochs], FLAGS.batch_size),
+              epochs=prune_epochs, steps_per_epoch=steps, verbose=verbose, shuffle=False, callbacks=[timer, pruner])
+    phase_s = time.time() - t_phase
+    t = time.perf_counter()
+    pruned = kt.prune(gated)
+    surgery_s = time.perf_counter() - t
+    acc_after = top1(pruned, test_ds)
+    before, after = kt.profile(model), kt.profile(pruned)
+    print(f"[keras] top-1 after {acc_after:.4f}; FLOPs {after.flops / before.flops:.3f}", flush=True)
+    med = lambda v: 1000 * float(np.median(v)) if v else None
+    return {
+        "top1_before": acc_before,
+        "top1_after": acc_after,
+        "flops_before": before.flops, "flops_after": after.flops, "flops_fraction": after.flops / before.flops,
+        "params_before": before.params, "params_after": after.params, "params_fraction": after.params / before.params,
+        "channels_after": kt.analyze(pruned).layer_channel_counts(),
+        "groups": kt.analyze(gated).num_groups,
+        "groups_removed": len(pruner.removed),
+        "pruning_history": pruner.history,
+        "pruning_done": pruner.done,
+        "pruning_done_at_minibatch": pruner.history[-1]["step"] if pruner.done else None,
+        "train_seconds": train_s,
+        "pruning_phase_seconds": pruner.done_at,
+        "prune_and_finetune_seconds": phase_s,
+        "pruning_steps_seconds": pruner.prune_seconds,
+        "surgery_seconds": surgery_s,
+        "step_ms_median_while_scoring": med(timer.scoring),
+        "step_ms_median_after_pruning": med(timer.after),
+        "scoring_overhead_ratio": (med(timer.scoring) / med(timer.after)) if timer.scoring and timer.after else None,
+        "wall_seconds": dense_wall + time.time() - started,
+    }
+
+
+# ------------------------------------------------------------------ main
+def main(argv):
+    del argv
+    import logging as pylogging
+
+    pylogging.getLogger("tensorflow").setLevel(pylogging.WARNING)
+    quick = FLAGS.quick
+    epochs, prune_epochs = (1, 2) if quick else (FLAGS.epochs, FLAGS.prune_epochs)
+    blocks = 1 if quick else FLAGS.blocks
+    subset = 2560 if quick else FLAGS.train_subset
+    if quick:
+        FLAGS.prune_every = 2
+    verbose = 1 if sys.stdout.isatty() else 2
+    work_dir = os.path.join(REPO, FLAGS.work_dir)
+    os.makedirs(work_dir, exist_ok=True)
+    if FLAGS.sides in ("both", "torch"):
+        ensure_torch_venv()
+    started = time.time()
+    runs = []
+    for seed in [int(s) for s in FLAGS.seeds]:
+        print(f"\n===== seed {seed}", flush=True)
+        data = load_split(seed, subset)
+        n = len(data[0])
+        steps = math.ceil(n / FLAGS.batch_size)
+        rng = np.random.default_rng([seed, 1])
+        perms = np.stack([rng.permutation(n) for _ in range(epochs + prune_epochs)]).astype("int32")
+        keras.utils.set_random_seed(seed)
+        model = models.resnet(input_shape=(28, 28, 1), widths=(16, 32, 64), blocks_per_stage=blocks)
+        check_x = data[2][:8].astype("float32")[..., None] / 255.0
+        arrays = {
+            "x_train": data[0], "y_train": data[1], "x_test": data[2], "y_test": data[3], "perms": perms,
+            "check_logits": np.asarray(model(check_x, training=False), dtype="float32"),
+        }
+        for layer in model.layers:
+            for i, w in enumerate(layer.get_weights()):
+                arrays[f"w/{layer.name}/{i}"] = w
+        trained = None
+        if FLAGS.shared_dense:
+            trained = train_keras(model, data, perms, epochs, steps, verbose)
+            arrays["dense_check_logits"] = np.asarray(model(check_x, training=False), dtype="float32")
+            for layer in model.layers:
+                for i, w in enumerate(layer.get_weights()):
+                    arrays[f"dense/{layer.name}/{i}"] = w
+        npz = os.path.join(work_dir, f"seed{seed}.npz")
+        np.savez(npz, **arrays)
+        run = {"seed": seed, "train_images": n, "steps_per_epoch": steps}
+        if FLAGS.sides in ("both", "torch"):
+            out = os.path.join(work_dir, f"torch_seed{seed}.json")
+            cmd = [TORCH_PY, os.path.join(REPO, "benchmarks", "torch_side.py"), "--data", npz, "--output", out,
+                   "--epochs", str(epochs), "--prune_epochs", str(prune_epochs), "--prune_every", str(FLAGS.prune_every),
+                   "--channels_per_step", str(FLAGS.channels_per_step), "--pruning_ratio", str(FLAGS.torch_pruning_ratio),
+                   "--target", str(FLAGS.target), "--batch_size", str(FLAGS.batch_size), "--blocks", str(blocks),
+                   "--threads", str(FLAGS.torch_threads), "--seed", str(seed)]
+            if FLAGS.shared_dense:
+                cmd.append("--from_keras_dense")
+            print("== PyTorch side:", " ".join(os.path.relpath(c, REPO) if c.startswith(REPO) else c for c in cmd), flush=True)
+            # OpenMP threads that spin while waiting stall badly on a shared, oversubscribed CPU
+            # (measured here: with 2 threads a ResNet-8 forward+backward ran 2.7-11x slower than with PASSIVE).
+            env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+            subprocess.run(cmd, check=True, env=env)
+            with open(out) as f:
+                run["torch"] = json.load(f)
+        if FLAGS.sides in ("both", "keras"):
+            print("== Keras side (keras_taylor)", flush=True)
+            run["keras"] = run_keras(model, data, perms, epochs, prune_epochs, steps, verbose, trained)
+        runs.append(run)
+
+    summary = {}
+    for side in ("keras", "torch"):
+        got = [r[side] for r in runs if side in r]
+        if got:
+            summary[side] = {k: float(np.mean([g[k] for g in got])) for k in
+                             ("top1_before", "top1_after", "flops_fraction", "params_fraction", "pruning_phase_seconds",
+                              "prune_and_finetune_seconds", "wall_seconds") if all(g.get(k) is not None for g in got)}
+    if all("keras" in r and "torch" in r for r in runs):
+        margins = [r["keras"]["top1_after"] - r["torch"]["top1_after"] for r in runs]
+        summary["top1_after_margin_keras_minus_torch"] = {"per_seed": margins, "mean": float(np.mean(margins))}
+    import tensorflow as tf
+
+    result = {
+        "command": " ".join(["python"] + [os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
+        "versions": {"tensorflow": tf.__version__, "keras": keras.__version__, "keras_taylor": kt.__version__,
+                     **(torch_versions() if os.path.exists(TORCH_PY) else {})},
+        "config": {"quick": quick, "blocks": blocks, "epochs": epochs, "prune_epochs": prune_epochs,
+                   "prune_every": FLAGS.prune_every, "channels_per_step": FLAGS.channels_per_step, "target": FLAGS.target,
+                   "torch_pruning_ratio": FLAGS.torch_pruning_ratio, "batch_size": FLAGS.batch_size,
+                   "train_subset": subset, "torch_threads": FLAGS.torch_threads, "shared_dense": FLAGS.shared_dense},
+        "runs": runs,
+        "summary": summary,
+        "wall_seconds": time.time() - started,
+    }
+    path = FLAGS.output or os.path.join(REPO, "benchmarks", "results", "torch_pruning_compare.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    # One file, one entry per experiment; a run replaces only its own entry.
+    experiments = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        experiments = {"independent_training": old} if "runs" in old else old
+    experiments["shared_dense_start" if FLAGS.shared_dense else "independent_training"] = result
+    with open(path, "w") as f:
+        json.dump(experiments, f, indent=1)
+    print(json.dumps(summary, indent=1))
+    print(f"Done in {result['wall_seconds'] / 60:.1f} min; results in {path}")
+
+
+if __name__ == "__main__":
+    app.run(main)
