@@ -113,7 +113,7 @@ def reference_scores(gated, x, y, batch):
     return testing.reference_scores(gated, x, y, batch, LOSS)
 
 
-def score_run(base, strategy, x, y, lr, loss_scale=None):
+def score_run(base, strategy, x, y, lr, loss_scale=None, criterion="taylor_fo_bn"):
     """Fits a gated copy of `base` for one epoch, scoring only; returns
     (gated model, mean scores per group, minibatches, loss history)."""
     scope = strategy.scope() if strategy is not None else tf.distribute.get_strategy().scope()
@@ -123,7 +123,7 @@ def score_run(base, strategy, x, y, lr, loss_scale=None):
         if loss_scale is not None:
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer, initial_scale=loss_scale)
         gated.compile(optimizer=optimizer, loss=LOSS)
-    pruner = kt.TaylorPruning(target=0.5, prune_every=10_000)
+    pruner = kt.TaylorPruning(target=0.5, prune_every=10_000, criterion=criterion)
     hist = gated.fit(x, y, batch_size=GLOBAL_BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[pruner])
     scores, steps = pruner._scorer.read()
     return gated, scores, steps, hist.history["loss"]
@@ -166,6 +166,13 @@ def run_mirrored():
     _, s3, n3, _ = score_run(base, STRATEGY, x, y, lr=0.0, loss_scale=1024.0)
     _, s0, _, _ = score_run(base, None, x, y, lr=0.0)
     out["loss_scale"] = {"steps_two": n3, "rel_two_vs_one": rel_err(s3, s0)}
+    # Criteria reading per-example gradients, activation statistics and
+    # weight gradients: the global batch's score on 2 replicas as on one.
+    out["criteria"] = {}
+    for criterion in ("taylor_fo_fg", "taylor_so", "iclr17_taylor", "activation_std", "taylor_fo_weight"):
+        _, c1, _, _ = score_run(base, None, x, y, lr=0.0, criterion=criterion)
+        _, c2, m2, _ = score_run(base, STRATEGY, x, y, lr=0.0, criterion=criterion)
+        out["criteria"][criterion] = {"steps_two": m2, "rel_two_vs_one": rel_err(c2, c1), "max": float(np.max(c1))}
     return out
 
 

@@ -134,6 +134,10 @@ def test_mirrored_two_replicas_score_like_one_device(tmp_path):
     # With a LossScaleOptimizer (scale 1024) the 2-replica scores are unchanged.
     assert r["loss_scale"]["steps_two"] == 6
     assert r["loss_scale"]["rel_two_vs_one"] <= 1e-5
+    # Every kind of criterion scores the global batch across replicas.
+    for name, c in r["criteria"].items():
+        assert c["steps_two"] == 6 and c["max"] > 0, name
+        assert c["rel_two_vs_one"] <= (1e-3 if name == "taylor_fo_weight" else 1e-5), (name, c)
 
 
 @pytest.mark.slow
