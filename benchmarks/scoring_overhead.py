@@ -81,7 +81,7 @@ def main(argv):
     x = rng.uniform(0, 1, (n, size, size, channels)).astype("float32")
     y = rng.integers(0, 10, n).astype("int32")
     if FLAGS.model == "resnet50":
-        base = keras.applications.ResNet50(weights=None, input_shape=(size, size, channels), classes=10)
+        base = keras.applications.ResNet50(weights=None, input_shape=(size, size, channels), classes=10, classifier_activation=None)
         description = f"keras.applications.ResNet50 (random weights), {size}x{size}x{channels}, batch {FLAGS.batch_size}"
     else:
         base = models.resnet(input_shape=(size, size, channels), widths=(16, 32, 64), blocks_per_stage=FLAGS.blocks)
