@@ -113,37 +113,36 @@ class Signals:
         return _replica_sum(self._scorer.group_gate_grads(self._gate_grads))
 
     # ---- activations (recorded gate outputs) ------------------------------------------
-    @_cached
-    def _activation_terms(self):
-        """Per channel of every recorded gate call: per-example `E_b` and its
-        spatial mean, `Σ_b mean_{h,w} |a·g|`, and sums of `relu(a)` statistics."""
+    def _recorded(self):
+        """Yields `(a, g, ids)` per recorded gate call: the output and its
+        (unscaled) gradient as `(B, positions, C)` float32, and the group of
+        each channel."""
         if not self._calls:
             raise ValueError("The criterion reads activations but the train step recorded none.")
-        per_example, means, abs_mean, stats, ids = [], [], [], [], []
         for (gate, y), dy in zip(self._calls, self._call_grads):
             a = ops.cast(y, "float32")
-            g = ops.zeros_like(a) if dy is None else self._unscale(ops.cast(dy, "float32"))
+            g = None if dy is None else self._unscale(ops.cast(dy, "float32"))
             axis = gate.channel_axis
             if axis != len(a.shape) - 1:
-                a, g = ops.moveaxis(a, axis, -1), ops.moveaxis(g, axis, -1)
-            channels = int(a.shape[-1])
-            a = ops.reshape(a, (ops.shape(a)[0], -1, channels))  # (B, M, C)
-            g = ops.reshape(g, (ops.shape(g)[0], -1, channels))
-            positions = ops.cast(ops.shape(a)[1], "float32")
+                a = ops.moveaxis(a, axis, -1)
+                g = None if g is None else ops.moveaxis(g, axis, -1)
+            shape = (ops.shape(a)[0], -1, int(a.shape[-1]))
+            a = ops.reshape(a, shape)
+            g = ops.zeros_like(a) if g is None else ops.reshape(g, shape)
+            yield a, g, self._scorer.gate_groups_of(gate)
+
+    @_cached
+    def _gradient_terms(self):
+        """Per group: `Σ_b E_b²`, `Σ_b |spatial mean of E_b|` and
+        `Σ_b mean_{h,w} |a·g|`, from the per-example `a·g` of every member."""
+        per_example, means, abs_mean, ids = [], [], [], []
+        for a, g, groups in self._recorded():
             prod = a * g
             e = ops.sum(prod, axis=1)  # (B, C)
             per_example.append(e)
-            means.append(e / positions)
+            means.append(e / ops.cast(ops.shape(a)[1], "float32"))
             abs_mean.append(ops.sum(ops.mean(ops.abs(prod), axis=1), axis=0))
-            r = ops.relu(a)
-            count = ops.cast(ops.shape(a)[0], "float32") * positions
-            stats.append(ops.stack([
-                ops.sum(r, axis=(0, 1)),
-                ops.sum(r * r, axis=(0, 1)),
-                ops.sum(ops.cast(a <= 0, "float32"), axis=(0, 1)),
-                ops.ones((channels,), "float32") * count,
-            ], axis=1))  # (C, 4)
-            ids.append(self._scorer.gate_groups_of(gate))
+            ids.append(groups)
         ids = np.concatenate(ids)
         per_example = self._segments(ops.transpose(ops.concatenate(per_example, axis=1)), ids)  # (G, B)
         means = self._segments(ops.transpose(ops.concatenate(means, axis=1)), ids)
@@ -151,8 +150,24 @@ class Signals:
             "example_grad_sq": _replica_sum(ops.sum(ops.square(per_example), axis=1)),
             "example_mean_abs": _replica_sum(ops.sum(ops.abs(means), axis=1)),
             "product_abs_mean": _replica_sum(self._segments(ops.concatenate(abs_mean), ids)),
-            "stats": _replica_sum(self._segments(ops.concatenate(stats, axis=0), ids)),  # (G, 4)
         }
+
+    @_cached
+    def _activation_stats(self):
+        """Per group, `(Σ relu(a), Σ relu(a)², #(a <= 0), count)` over the
+        minibatch, positions and members: no gradients needed."""
+        stats, ids = [], []
+        for a, _, groups in self._recorded():
+            r = ops.relu(a)
+            count = ops.cast(ops.shape(a)[0] * ops.shape(a)[1], "float32")
+            stats.append(ops.stack([
+                ops.sum(r, axis=(0, 1)),
+                ops.sum(r * r, axis=(0, 1)),
+                ops.sum(ops.cast(a <= 0, "float32"), axis=(0, 1)),
+                ops.ones((int(a.shape[-1]),), "float32") * count,
+            ], axis=1))  # (C, 4)
+            ids.append(groups)
+        return _replica_sum(self._segments(ops.concatenate(stats, axis=0), np.concatenate(ids)))  # (G, 4)
 
     @_cached
     def examples(self):
@@ -164,32 +179,32 @@ class Signals:
     @property
     def example_grad_sq(self):
         """`Σ_b E_b²`, `E_b = Σ_members Σ_{h,w} a·g` of example `b`."""
-        return self._activation_terms["example_grad_sq"]
+        return self._gradient_terms["example_grad_sq"]
 
     @property
     def example_mean_abs(self):
         """`Σ_b |Σ_members (1/M) Σ_{h,w} a·g|` (ICLR'17, before the 1/B)."""
-        return self._activation_terms["example_mean_abs"]
+        return self._gradient_terms["example_mean_abs"]
 
     @property
     def product_abs_mean(self):
         """`Σ_members Σ_b (1/M) Σ_{h,w} |a·g|` (NVlabs' ICLR'17, before the 1/B)."""
-        return self._activation_terms["product_abs_mean"]
+        return self._gradient_terms["product_abs_mean"]
 
     @property
     def activation_mean(self):
-        s = self._activation_terms["stats"]
+        s = self._activation_stats
         return s[:, 0] / s[:, 3]
 
     @property
     def activation_std(self):
-        s = self._activation_terms["stats"]
+        s = self._activation_stats
         mean = s[:, 0] / s[:, 3]
         return ops.sqrt(ops.maximum(s[:, 1] / s[:, 3] - mean * mean, 0.0))
 
     @property
     def zero_fraction(self):
-        s = self._activation_terms["stats"]
+        s = self._activation_stats
         return s[:, 2] / s[:, 3]
 
     # ---- weights ---------------------------------------------------------------------------
