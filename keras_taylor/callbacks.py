@@ -27,6 +27,8 @@ from keras_taylor.scoring import TaylorScorer
 logger = logging.getLogger("keras_taylor")
 
 _METRICS = ("flops", "params", "channels")
+
+
 def ranking_context(graph, scorer, cost=None) -> criteria_lib.RankingContext:
     """What a criterion's `rank` may ask about a model: per-group layer labels
     (`oracle.group_labels`), the FLOPs each group's removal saves in the
@@ -356,15 +358,15 @@ class TaylorPruning(keras.callbacks.Callback):
         logger.info("keras_taylor: step %d removed %d groups (%d total); FLOPs %.3f", self._step, len(taken), len(self.removed), record["flops_fraction"])
         if self.done:
             if self.channel_multiple and self.channel_multiple > 1:
-                self._align(record)
+                self._align(record, ranked)
             # Pruning is over: the rest of fit is plain fine-tuning.
             self._uninstall()
 
-    def _align(self, record: dict) -> None:
-        """Rounds every layer's kept channels to `channel_multiple` (last step)."""
+    def _align(self, record: dict, ranked: np.ndarray) -> None:
+        """Rounds every layer's kept channels to `channel_multiple` (last step),
+        by the ranking scores of this step (non-finite: never removed)."""
         graph = self._graph
         removed = set(self.removed)
-        ranked = np.asarray(self._scorer.criterion.rank(self.ema, self._context), dtype="float64")
         ranked = np.where(np.isfinite(ranked), ranked, np.inf)
         aligned = align_lib.align_to_target(
             graph, removed, ranked, self.channel_multiple,
