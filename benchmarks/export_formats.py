@@ -33,7 +33,7 @@ flags.DEFINE_string("output", os.path.join(os.path.dirname(__file__), "results",
 
 
 def _run_tflite(path, x, name):
-    interpreter, runtime = export._tflite_interpreter(open(path, "rb").read())
+    interpreter, runtime = export.tflite._tflite_interpreter(open(path, "rb").read())
     runner = interpreter.get_signature_runner("serving_default")
     return np.concatenate([runner(**{name: x[k : k + 500]})["output"] for k in range(0, len(x), 500)]), runtime
 

@@ -30,6 +30,24 @@ from keras_taylor.oracle import oracle_deltas, plot_correlations, rank_correlati
 
 __version__ = "0.1.0"
 
+# Submodules loaded on first use (`keras_taylor.export.export_saved_model`):
+# they need TensorFlow or optional packages, which `import keras_taylor` does not.
+_LAZY_SUBMODULES = ("export",)
+
+
+def __getattr__(name):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        module = importlib.import_module(f"keras_taylor.{name}")
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module 'keras_taylor' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY_SUBMODULES))
+
 __all__ = [
     "ChannelGate",
     "ChannelGraph",

@@ -179,3 +179,41 @@ def patch_tf2onnx() -> None:
     except ImportError:
         return
     patch()
+
+
+# --------------------------------------------------------------------------
+# TensorFlow (optional at import time: keras_taylor loads with any Keras
+# backend; the modules that need TensorFlow import it through here).
+# --------------------------------------------------------------------------
+
+TF_INSTALL = 'pip install "keras_taylor[tf]"  (or: pip install tensorflow)'
+
+
+def import_tensorflow(needed_by: str):
+    """Imports TensorFlow, or raises an ImportError that says what needs it.
+
+    Args:
+        needed_by: what needs TensorFlow, for the message (e.g.
+            `"keras_taylor.TaylorPruning (the scoring train step)"`).
+    """
+    try:
+        import tensorflow as tf
+    except ImportError as err:
+        raise ImportError(
+            f"{needed_by} needs TensorFlow, which could not be imported ({err}). "
+            f"Install it with: {TF_INSTALL}, and run Keras with "
+            "KERAS_BACKEND=tensorflow. The analysis, plan and surgery parts of "
+            "keras_taylor (analyze, profile, add_gates, apply_plan, prune) work "
+            "without it."
+        ) from err
+    return tf
+
+
+def convert_variables_to_constants_v2(concrete_function, **kwargs):
+    """TensorFlow's freezing of a concrete function (variables become
+    constants); private in TensorFlow (`tensorflow.python.framework`)."""
+    from tensorflow.python.framework.convert_to_constants import (
+        convert_variables_to_constants_v2 as convert,
+    )
+
+    return convert(concrete_function, **kwargs)

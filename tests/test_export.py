@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_taylor import export as export_lib
 from keras_taylor.export import export_saved_model
 
 BATCH_SIZES = (1, 5)
@@ -272,7 +271,7 @@ def test_mismatch_raises(tmp_path, monkeypatch):
             }
 
     monkeypatch.setattr(
-        export_lib.tf.saved_model, "load", lambda path: _Perturbed(real_load(path))
+        tf.saved_model, "load", lambda path: _Perturbed(real_load(path))
     )
     with pytest.raises(RuntimeError, match="Expected the reloaded SavedModel to match"):
         export_saved_model(

@@ -53,7 +53,7 @@ def tflite_files(pruned, batch, tmp_path_factory):
 
 
 def _run_tflite(path, x):
-    from keras_taylor.export import _tflite_interpreter
+    from keras_taylor.export.tflite import _tflite_interpreter
 
     with open(path, "rb") as f:
         interpreter, _ = _tflite_interpreter(f.read())
