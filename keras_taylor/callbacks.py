@@ -31,12 +31,10 @@ _METRICS = ("flops", "params", "channels")
 
 def ranking_context(graph, scorer, cost=None) -> criteria_lib.RankingContext:
     """What a criterion's `rank` may ask about a model: per-group layer labels
-    (`oracle.group_labels`), the FLOPs each group's removal saves in the
+    (`ChannelGraph.group_labels`), the FLOPs each group's removal saves in the
     unpruned model (computed on first use, one evaluation per label: the
     groups of one label cost the same), and which groups hold a BN channel."""
-    from keras_taylor.oracle import group_labels
-
-    labels = np.asarray(group_labels(graph))
+    labels = np.asarray(graph.group_labels())
     cost = cost if cost is not None else CostModel(graph)
 
     def group_flops():

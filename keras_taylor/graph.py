@@ -269,6 +269,28 @@ class ChannelGraph:
         alive = self.alive_ids(removed_groups)
         return {name: int(np.count_nonzero(alive[m])) for name, m in self.creating_layers().items()}
 
+    def group_labels(self) -> list:
+        """For each group, the layer(s) whose output channels it holds.
+
+        A label is the sorted names of the channel-making layers (Conv, Dense)
+        with a member in the group, joined with `"+"`; the groups of a
+        residual stream span several layers and share one label. A group with
+        no channel-making member (should not happen) is labelled by its gate
+        sites.
+
+        Returns:
+            A list of `num_groups` strings.
+        """
+        names: list = [set() for _ in range(self.num_groups)]
+        for name, out_map in self.creating_layers().items():
+            groups = self.group_of_comp[self.comp_of[out_map]]
+            for g in np.unique(groups[groups >= 0]).tolist():
+                names[g].add(name)
+        for g, members in enumerate(self.group_members()):
+            if not names[g]:
+                names[g].update(name for name, _ in members)
+        return ["+".join(sorted(n)) for n in names]
+
 
 def analyze(model: keras.Model, on_unknown: str = "error") -> ChannelGraph:
     """Reads a Functional or Sequential model into its channel groups.

@@ -38,10 +38,12 @@ import warnings
 
 import keras
 import numpy as np
-import tensorflow as tf
-
+from keras_taylor import _compat
 from keras_taylor import gates as gates_lib
 from keras_taylor import graph as graph_lib
+from keras_taylor.plotting import new_figure
+
+tf = _compat.import_tensorflow("keras_taylor.oracle (the measured loss change of each group)")
 
 CACHE_FORMAT = "keras_taylor.oracle/1"
 
@@ -296,12 +298,9 @@ def oracle_deltas(gated, data, *, batch_size: int = 256, graph=None, cache=None,
 
 # ---- labels and correlations -----------------------------------------------
 def group_labels(graph) -> list:
-    """For each group, the layer(s) whose output channels it holds.
-
-    A label is the sorted names of the channel-making layers (Conv, Dense)
-    with a member in the group, joined with `"+"`; the groups of a residual
-    stream span several layers and share one label. This is the "layer" of
-    per-layer correlations in `rank_correlations`.
+    """For each group, the layer(s) whose output channels it holds:
+    `graph.group_labels()` (see `ChannelGraph.group_labels`). This is the
+    "layer" of per-layer correlations in `rank_correlations`.
 
     Args:
         graph: a `ChannelGraph` (`keras_taylor.analyze(model)`).
@@ -309,15 +308,7 @@ def group_labels(graph) -> list:
     Returns:
         A list of `graph.num_groups` strings.
     """
-    names: list = [set() for _ in range(graph.num_groups)]
-    for name, out_map in graph.creating_layers().items():
-        groups = graph.group_of_comp[graph.comp_of[out_map]]
-        for g in np.unique(groups[groups >= 0]).tolist():
-            names[g].add(name)
-    for g, members in enumerate(graph.group_members()):
-        if not names[g]:  # no channel-making member (should not happen): its gate sites
-            names[g].update(name for name, _ in members)
-    return ["+".join(sorted(n)) for n in names]
+    return graph.group_labels()
 
 
 def _scipy_stats():
@@ -458,14 +449,12 @@ def plot_correlations(correlations: dict, scores: dict, oracle, path) -> str:
         ValueError: if a score array does not have one entry per group.
         ImportError: if matplotlib or scipy is not installed.
     """
-    from keras_taylor.monitor import _figure
-
     oracle = np.asarray(oracle, dtype=np.float64)
     _check_lengths(scores, oracle, None)
     names = list(scores)
     cols = min(3, len(names))
     rows = 1 + -(-len(names) // cols)
-    fig = _figure(figsize=(4.0 * cols + 1.0, 3.2 * rows), layout="constrained")
+    fig = new_figure(figsize=(4.0 * cols + 1.0, 3.2 * rows), layout="constrained")
     grid = fig.add_gridspec(rows, cols)
     ax = fig.add_subplot(grid[0, :])
     x = np.arange(len(names))
