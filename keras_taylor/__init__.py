@@ -16,6 +16,7 @@ References:
 
 from keras_taylor.callbacks import TaylorPruning
 from keras_taylor import criteria, oracle
+from keras_taylor import export  # `kt.export.export_saved_model(...)`
 from keras_taylor.criteria import Criterion, TaylorFOBN
 from keras_taylor.flops import Profile, profile
 from keras_taylor.gates import ChannelGate, add_gates, gate_values, is_gated, strip_gates
@@ -64,6 +65,7 @@ __all__ = [
     "analyze",
     "apply_plan",
     "criteria",
+    "export",
     "gate_values",
     "inline_nested_models",
     "is_gated",

@@ -12,6 +12,8 @@ the model is down to its target. Pruned gates stay 0: nothing revives them
 from __future__ import annotations
 
 import logging
+import math
+import warnings
 
 import keras
 import numpy as np
@@ -20,13 +22,14 @@ from keras_taylor import align as align_lib
 from keras_taylor import criteria as criteria_lib
 from keras_taylor import graph as graph_lib
 from keras_taylor.flops import CostModel, removed_groups_from_gates
+from keras_taylor import gates as gates_lib
+from keras_taylor.gates import METRICS as _METRICS
 from keras_taylor.gates import gate_layers, is_gated
 from keras_taylor.plan import PruningPlan
 from keras_taylor.scoring import TaylorScorer
 
 logger = logging.getLogger("keras_taylor")
 
-_METRICS = ("flops", "params", "channels")
 
 
 def ranking_context(graph, scorer, cost=None) -> criteria_lib.RankingContext:
@@ -78,8 +81,14 @@ class TaylorPruning(keras.callbacks.Callback):
         prune_every: minibatches between pruning steps (K). Defaults to `30`,
             the paper's value.
         channels_per_step: channel groups removed per pruning step (N).
-            Defaults to the paper's 100 per 52,672 gated channels of
-            ResNet-101, scaled to this model's number of groups (at least 1).
+            Defaults to enough groups to reach `target` by about half of the
+            training that `fit` runs (sized from the `epochs` and `steps` that
+            Keras gives callbacks: `(1 - sqrt(target))` of the groups for
+            FLOPs/params, `(1 - target)` for channels, spread over the
+            pruning steps that fit in the first half), and at least the
+            paper's rate (100 per 52,672 gated channels of ResNet-101,
+            scaled to this model's number of groups). The choice is logged
+            (logger `"keras_taylor"`, INFO) and kept in `state()`.
         momentum: EMA momentum across pruning steps. Defaults to `0.9`.
         min_channels: fewest output channels any Conv/Dense layer keeps.
             Defaults to `1`.
@@ -91,12 +100,33 @@ class TaylorPruning(keras.callbacks.Callback):
             baselines `"bn_scale"`, `"weight_l1"`, `"weight_l2"`,
             `"activation_mean"`, `"activation_std"`, `"apoz"`, `"random"`)
             or a `Criterion`. Defaults to `"taylor_fo_bn"`.
-        channel_multiple: when set (8, 16), the last pruning step rounds
-            every Conv/Dense layer's kept channels to a multiple of it (or its
-            full width; `keras_taylor.align.align_to_target`), staying at or
-            under `target`: it may restore a few of the last-removed groups
-            of a layer (weights as they were) and remove a few more
-            low-scored ones elsewhere. Defaults to `None` (no rounding).
+        channel_multiple: any integer >= 1 (8 and 16 match the SIMD and
+            tensor-core widths that make pruned layers fast; 1 means no
+            rounding). When set, the last pruning step rounds every
+            Conv/Dense layer's kept channels to a multiple of it (or its full
+            width; `keras_taylor.align.align_to_target`), staying at or under
+            `target`: it may restore a few of the last-removed groups of a
+            layer (weights as they were) and remove a few more low-scored
+            ones elsewhere. Defaults to `None` (no rounding).
+
+    The progress bar and `logs` show `kt_flops` and `kt_params`, the
+    fractions of the unpruned model's FLOPs and params left; `history` and
+    `state()` hold every pruning step (groups removed, fractions) as plain
+    data. `history` restarts when the callback is used on another model.
+
+    When `fit` ends above the target (too few minibatches for the schedule,
+    `start_step` past the end of training, or `min_channels` reached), the
+    callback warns. The target and metric are stored in the gated model's
+    gates, so `keras_taylor.prune` warns too when the model it is given, for
+    example the epoch that `ModelCheckpoint(save_best_only=True)` kept, is
+    above its run's target.
+
+    With `steps_per_execution=S`, Keras calls callbacks once every `S`
+    minibatches, so pruning steps fall every `ceil(prune_every / S) * S`
+    minibatches; the callback warns when `S` does not divide `prune_every`.
+
+    Only one `TaylorPruning` may train a model at a time: two in the same
+    `fit` raise a `ValueError` when training begins.
 
     Example:
 
@@ -166,6 +196,7 @@ class TaylorPruning(keras.callbacks.Callback):
         self.removed = []  # removed groups, in removal order
         self.history = []  # one dict per pruning step
         self._warned_nonfinite = False
+        self._awaiting_first_epoch = False
 
     # ---- setup -----------------------------------------------------------------
     def _setup(self) -> None:
@@ -182,6 +213,8 @@ class TaylorPruning(keras.callbacks.Callback):
                 "Expected a gated model (from `keras_taylor.add_gates(model)`). "
                 f"Received: model={model.name!r} without ChannelGate layers."
             )
+        self._refuse_second_pruner(model)
+        self._warn_execution_schedule(model)
         if id(model) == self._model_id:
             return
         graph = graph_lib.analyze(model, on_unknown="freeze")
@@ -195,12 +228,69 @@ class TaylorPruning(keras.callbacks.Callback):
         self._base = self._measure(np.ones(len(graph.comp_of), dtype=bool))
         self._layer_of_group = self._group_layer_counts(graph)
         self._context = ranking_context(graph, self._scorer, self._cost)
-        n = self.channels_per_step
-        if n is None:
-            n = max(1, int(round(_PAPER_CHANNELS_PER_STEP * graph.num_groups / _PAPER_GATED_CHANNELS)))
-        self._per_step = n
+        self._per_step = self.channels_per_step or self._default_per_step(graph)
         self.removed = []
+        self.history = []  # a new model: a new run
+        self._warned_nonfinite = False
         self._load_state()
+
+    def _refuse_second_pruner(self, model) -> None:
+        """Two callbacks would each install a scoring step and read each
+        other's (reset) score windows: refuse before any minibatch runs."""
+        other = getattr(model, "_keras_taylor_pruner", None)
+        if other is not None and other is not self and other._awaiting_first_epoch and other.model is model:
+            other._uninstall()
+            other._awaiting_first_epoch = False
+            model._keras_taylor_pruner = None
+            raise ValueError(
+                "Expected one TaylorPruning callback per fit. Received: two "
+                f"TaylorPruning callbacks in the same fit of model {model.name!r} "
+                f"(targets {other.target:g} and {self.target:g}); they would "
+                "share the model's gates and score windows. Pass a single "
+                "TaylorPruning in `callbacks`."
+            )
+        model._keras_taylor_pruner = self
+        self._awaiting_first_epoch = True
+
+    def _warn_execution_schedule(self, model) -> None:
+        spe = int(getattr(model, "steps_per_execution", 1) or 1)
+        if spe > 1 and self.prune_every % spe:
+            every = math.ceil(self.prune_every / spe) * spe
+            warnings.warn(
+                f"TaylorPruning: steps_per_execution={spe} does not divide "
+                f"prune_every={self.prune_every}. Keras calls callbacks once per "
+                f"{spe} minibatches, so pruning steps will fall every {every} "
+                f"minibatches (at {every}, {2 * every}, {3 * every}, ... after "
+                f"start_step={self.start_step}). Use a prune_every that is a "
+                f"multiple of {spe} to choose the schedule exactly.",
+                stacklevel=2,
+            )
+
+    def _default_per_step(self, graph) -> int:
+        """Groups per pruning step: reach the target by about half of the fit."""
+        paper = max(1, int(round(_PAPER_CHANNELS_PER_STEP * graph.num_groups / _PAPER_GATED_CHANNELS)))
+        params = getattr(self, "params", None) or {}
+        epochs, steps = params.get("epochs"), params.get("steps")
+        if not epochs or not steps:
+            logger.info(
+                "keras_taylor: channels_per_step=%d (the paper's rate for %d groups; "
+                "fit did not say how many minibatches it will run).", paper, graph.num_groups,
+            )
+            return paper
+        total = int(epochs) * int(steps)
+        half = total // 2
+        events = max(1, (half - self.start_step) // self.prune_every)
+        # Removing a fraction f of the channels everywhere keeps ~(1 - f)^2 of
+        # the FLOPs and params (both sides of each conv shrink).
+        share = 1.0 - self.target if self.metric == "channels" else 1.0 - math.sqrt(self.target)
+        need = math.ceil(share * graph.num_groups)
+        n = max(paper, math.ceil(need / events))
+        logger.info(
+            "keras_taylor: channels_per_step=%d: about %d of %d groups to remove, "
+            "over %d pruning steps (every %d minibatches) in the first half of "
+            "%d minibatches of training.", n, need, graph.num_groups, events, self.prune_every, total,
+        )
+        return n
 
     def _load_state(self) -> None:
         """Reads the pruning state the gated model carries (one host read).
@@ -219,6 +309,11 @@ class TaylorPruning(keras.callbacks.Callback):
         self._last_event = int(counters["last_event"])
         self.ema = self._scorer.read_ema()
         self._ema_started = np.full(graph.num_groups, counters["events"] > 0)
+        frac = self._measure(graph.alive_ids(self.removed))
+        self._loaded_fractions = {  # what the progress bar shows before this run's first step
+            "kt_flops": frac["flops"] / self._base["flops"] if self._base["flops"] else 1.0,
+            "kt_params": frac["params"] / self._base["params"] if self._base["params"] else 1.0,
+        }
         self.done = self._fraction(graph.alive_ids(self.removed)) <= self.target
 
     @staticmethod
@@ -250,10 +345,12 @@ class TaylorPruning(keras.callbacks.Callback):
             self._installed = True
 
     def on_epoch_begin(self, epoch, logs=None):
+        self._awaiting_first_epoch = False
         if not self._synced:
             # After every callback's on_train_begin: BackupAndRestore may have
             # just restored the weights, and with them the pruning state.
             self._load_state()
+            gates_lib.record_run(self.model, self.target, self.metric)
             self._synced = True
             if self.done:
                 self._uninstall()
@@ -286,6 +383,28 @@ class TaylorPruning(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         self._uninstall()
+        self._awaiting_first_epoch = False
+        if getattr(self.model, "_keras_taylor_pruner", None) is self:
+            self.model._keras_taylor_pruner = None
+        if self._graph is None:
+            return
+        fraction = self._fraction(self._graph.alive_ids(self.removed))
+        if fraction > self.target * (1 + 1e-9):
+            why = (
+                f"start_step={self.start_step} is past the {self._step} minibatches "
+                "trained" if self._step < self.start_step else
+                f"{len(self.history)} pruning step(s) of up to {self._per_step} groups "
+                f"every {self.prune_every} minibatches did not suffice in "
+                f"{self._step} minibatches"
+            )
+            warnings.warn(
+                f"TaylorPruning: fit ended with model {self.model.name!r} at "
+                f"{fraction:.4f} of its {self.metric}, above the target {self.target:g} "
+                f"({why}). Fit for more epochs (the run resumes where it "
+                "stopped), raise channels_per_step, or lower prune_every; "
+                "`keras_taylor.prune` now would return a model above the target.",
+                stacklevel=2,
+            )
 
     def _uninstall(self):
         if self._installed:
@@ -403,8 +522,8 @@ class TaylorPruning(keras.callbacks.Callback):
             return {}
         if self.history:
             last = self.history[-1]
-            return {"kt_flops": last["flops_fraction"], "kt_params": last["params_fraction"], "kt_pruned": float(last["removed_total"])}
-        return {"kt_flops": 1.0, "kt_params": 1.0, "kt_pruned": float(len(self.removed))}
+            return {"kt_flops": last["flops_fraction"], "kt_params": last["params_fraction"]}
+        return dict(self._loaded_fractions)
 
     # ---- state as plain data -----------------------------------------------------------
     @property

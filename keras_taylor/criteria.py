@@ -14,7 +14,7 @@ statistics make the train step keep the gated activations and their
 gradients from the same tape (no extra forward or backward pass, but
 activation-sized elementwise work; see README, "Criteria").
 
-Notation (DESIGN.md §1): `a` = a channel's output after its BatchNorm (the
+Notation (docs/DESIGN.md §1): `a` = a channel's output after its BatchNorm (the
 gate's output), `g = ∂L/∂a`, `m` = the channel's gate, `E_b = Σ_{h,w} a·g` for
 example `b` (the per-example gate gradient), `M` = spatial positions. A group
 (channels tied by residual adds, depthwise convs, ...) is one shared gate:

@@ -123,6 +123,38 @@ def removed_groups_from_gates(model: keras.Model, graph: graph_lib.ChannelGraph)
     return removed
 
 
+def metric_values(cost: CostModel, alive: np.ndarray) -> dict:
+    """`{"flops", "params", "channels"}` with only the `alive` channel ids
+    (channels: output channels of the Conv/Dense layers)."""
+    flops, params = cost.evaluate(alive)
+    channels = sum(int(np.count_nonzero(alive[m])) for m in cost.graph.creating_layers().values())
+    return {"flops": flops, "params": params, "channels": channels}
+
+
+def run_shortfall(model: keras.Model, graph: graph_lib.ChannelGraph) -> str | None:
+    """Why a gated model falls short of its recorded pruning target, or `None`.
+
+    `TaylorPruning` stores its target and metric in the gates
+    (`gates.record_run`); this compares them with the gates as they are.
+    """
+    from keras_taylor.gates import recorded_run
+
+    run = recorded_run(model)
+    if run is None:
+        return None
+    cost = CostModel(graph)
+    base = metric_values(cost, graph.alive_ids(()))[run["metric"]]
+    now = metric_values(cost, graph.alive_ids(removed_groups_from_gates(model, graph)))[run["metric"]]
+    fraction = now / base if base else 1.0
+    if fraction <= run["target"] * (1 + 1e-6):  # the target is stored as float32
+        return None
+    return (
+        f"model {model.name!r} is at {fraction:.4f} of its {run['metric']}, above the "
+        f"target {run['target']:.4g} of the pruning run recorded in its gates "
+        f"({run['events']} pruning step(s) in {run['batches']} minibatches)"
+    )
+
+
 def profile(model: keras.Model) -> Profile:
     """Counts FLOPs (MACs) and params of every layer of `model`.
 

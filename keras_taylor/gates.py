@@ -14,7 +14,7 @@ output slice and the bias), which gives the same output `m * y` for `m` in
 
 Backprop then yields `dL/dm = sum(gamma * dL/dgamma' + beta * dL/dbeta')` (or
 the kernel/bias analogue), exactly the gradient of a gate on the output
-(DESIGN.md §1). A layer whose output cannot be scaled through its parameters
+(docs/DESIGN.md §1). A layer whose output cannot be scaled through its parameters
 (BN with `scale=False`) falls back to multiplying its output.
 """
 
@@ -37,8 +37,12 @@ _MODES = ("params", "output")
 #: Slots of `ChannelGate.counters` (kept up to date on the model's first gate):
 #: minibatches scored since the last pruning step, minibatches skipped for
 #: non-finite gradients, minibatches seen, step of the last pruning event,
-#: pruning events so far.
-COUNTERS = ("window_steps", "skipped", "batches", "last_event", "events")
+#: pruning events so far, the target of the pruning run (0: no run recorded)
+#: and its metric (an index into `METRICS`).
+COUNTERS = ("window_steps", "skipped", "batches", "last_event", "events", "target", "metric")
+
+#: What a pruning target can measure (`TaylorPruning(metric=...)`).
+METRICS = ("flops", "params", "channels")
 
 _recorder = threading.local()
 
@@ -206,8 +210,45 @@ def gate_layers(model: keras.Model) -> list:
     return [l for l in model.layers if isinstance(l, ChannelGate)]
 
 
+def layer_from_config(cls, config):
+    """`cls.from_config(config)` for a config taken from a live layer.
+
+    A `Lambda` holding a Python lambda refuses `from_config` in Keras's safe
+    mode, which guards against loading code from untrusted files. Here the
+    config comes from a layer the user already holds in memory, so nothing is
+    loaded and the copy is made with `safe_mode=False`.
+    """
+    if issubclass(cls, keras.layers.Lambda):
+        return cls.from_config(config, safe_mode=False)
+    return cls.from_config(config)
+
+
 def _clone_layer(layer):
-    return layer.__class__.from_config(layer.get_config())
+    return layer_from_config(layer.__class__, layer.get_config())
+
+
+def _nothing_prunable(model, graph) -> ValueError:
+    """The error for a model whose analysis found no prunable channel group."""
+    creating = graph.creating_layers()
+    if not creating:
+        why = "it has no layer that makes channels (Conv, Dense)"
+    else:
+        reasons = []
+        for name, out_map in list(creating.items())[:4]:
+            comps = np.unique(graph.comp_of[out_map]).tolist()
+            why_layer = sorted({graph.fixed_reason.get(c, "fixed") for c in comps})
+            reasons.append(f"{name!r}: {'; '.join(why_layer[:2])}")
+        more = f" (and {len(creating) - 4} more layers)" if len(creating) > 4 else ""
+        why = (
+            "every output channel of its Conv/Dense layers must be kept: "
+            + ", ".join(reasons) + more
+        )
+    return ValueError(
+        f"Expected a model with prunable channels. Received: model={model.name!r}, "
+        f"in which nothing can be pruned: {why}. Channels that reach a model "
+        "output or come from a model input are never pruned; a model needs "
+        "a Conv/Dense whose output feeds another layer that reads channels."
+    )
 
 
 def _call_accepting(layer, *args, **kwargs):
@@ -268,8 +309,8 @@ def add_gates(model: keras.Model, on_unknown: str = "error") -> keras.Model:
         (see `keras_taylor.nesting`): the gated model is one flat graph.
 
     Raises:
-        ValueError: if the model cannot be analysed (see `analyze`), or is
-            already gated.
+        ValueError: if the model cannot be analysed (see `analyze`), is
+            already gated, or has no prunable channel (the message says why).
     """
     if is_gated(model):
         raise ValueError(
@@ -278,6 +319,8 @@ def add_gates(model: keras.Model, on_unknown: str = "error") -> keras.Model:
         )
     model = nesting.inline_nested_models(model)  # the gated copy is flat
     graph = graph_lib.analyze(model, on_unknown=on_unknown)
+    if graph.num_groups == 0:
+        raise _nothing_prunable(model, graph)
     sites = set(graph.gate_sites)
     pairs = []
 
@@ -352,6 +395,33 @@ def _strip(model: keras.Model, check_output_gates: bool) -> keras.Model:
         ]
         new.set_weights([w.astype(v.dtype) for w, v in zip(weights, inner.weights)])
     return stripped
+
+
+def record_run(model: keras.Model, target: float, metric: str) -> None:
+    """Stores a pruning run's target and metric in the model's first gate, so
+    every checkpoint of the gated model says what its run was aiming at."""
+    counters = gate_layers(model)[0].counters
+    c = keras.ops.convert_to_numpy(counters.value).copy()
+    c[COUNTERS.index("target")] = float(target)
+    c[COUNTERS.index("metric")] = float(METRICS.index(metric))
+    counters.assign(c)
+
+
+def recorded_run(model: keras.Model) -> dict | None:
+    """`{"target", "metric", "events", "batches"}` of the pruning run recorded in
+    a gated model (`TaylorPruning` writes it), or `None` if none was."""
+    layers = gate_layers(model)
+    if not layers:
+        return None
+    c = dict(zip(COUNTERS, keras.ops.convert_to_numpy(layers[0].counters.value).tolist()))
+    if c["target"] <= 0.0:
+        return None
+    return {
+        "target": float(c["target"]),
+        "metric": METRICS[int(c["metric"])] if 0 <= int(c["metric"]) < len(METRICS) else "flops",
+        "events": int(c["events"]),
+        "batches": int(c["batches"]),
+    }
 
 
 def gate_values(model: keras.Model) -> dict:

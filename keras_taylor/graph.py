@@ -5,7 +5,7 @@ channels (Conv, Dense) make new ids; channel-wise layers pass ids through;
 element-wise merges (the residual `Add`) *tie* ids, and a union-find joins tied
 ids into components. A component is one **channel group**: its channels must be
 kept or removed together, and it behaves like one shared gate whose gradient is
-the sum of its members' gate gradients (CVPR'19 §3, DESIGN.md §1).
+the sum of its members' gate gradients (CVPR'19 §3, docs/DESIGN.md §1).
 
 A component is *fixed* (never pruned) when any of its ids comes from a model
 input, reaches a model output, is consumed by a layer that cannot be sliced
@@ -292,6 +292,23 @@ class ChannelGraph:
         return ["+".join(sorted(n)) for n in names]
 
 
+def _refuse_quantized(model) -> None:
+    """Quantized layers (`model.quantize("int8")`) store kernels and scales
+    that no handler slices or counts: prune first, quantize after."""
+    quantized = [l for l in model.layers if getattr(unwrap(l), "quantization_mode", None)]
+    if quantized:
+        layer = unwrap(quantized[0])
+        raise ValueError(
+            f"Expected a model without quantized layers. Received: model={model.name!r} "
+            f"whose layer {layer.name!r} ({type(layer).__name__}) is quantized "
+            f"(quantization_mode={layer.quantization_mode!r}; quantized layers: "
+            f"{[l.name for l in quantized][:5]}). keras_taylor prunes float models: "
+            "prune the float model first, then quantize the pruned one "
+            "(`small.quantize(...)`, or `keras_taylor.export.export_tflite` with "
+            "quantization)."
+        )
+
+
 def analyze(model: keras.Model, on_unknown: str = "error") -> ChannelGraph:
     """Reads a Functional or Sequential model into its channel groups.
 
@@ -307,13 +324,15 @@ def analyze(model: keras.Model, on_unknown: str = "error") -> ChannelGraph:
         A `ChannelGraph`.
 
     Raises:
-        ValueError: for a subclassed model, a layer without a handler on a
+        ValueError: for a subclassed model, a quantized model (prune first,
+            quantize after), a layer without a handler on a
             prunable path (with `on_unknown="error"`), or an unsupported layer
             configuration; the message names the layer and its class.
     """
     if on_unknown not in _ON_UNKNOWN:
         raise ValueError(f"Expected on_unknown in {_ON_UNKNOWN}. Received: on_unknown={on_unknown!r}")
     model = nesting.inline_nested_models(model)  # analyse sub-models' layers in place
+    _refuse_quantized(model)
     uf = _UnionFind()
     maps: dict = {}  # id(KerasTensor) -> channel map
     axes: dict = {}  # id(KerasTensor) -> channel axis (None: one channel)

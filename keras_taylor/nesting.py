@@ -148,7 +148,10 @@ class _Inliner:
             try:
                 config = op.get_config()
                 config["name"] = name
-                new = op.__class__.from_config(config)
+                if isinstance(op, keras.layers.Lambda):  # a live layer: nothing is loaded
+                    new = op.__class__.from_config(config, safe_mode=False)
+                else:
+                    new = op.__class__.from_config(config)
             except Exception as e:
                 raise ValueError(
                     f"Cannot copy layer {op.name!r} of class {type(op).__name__} "

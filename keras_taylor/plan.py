@@ -1,9 +1,13 @@
 """`PruningPlan`: which channels to remove, as plain JSON-able data.
 
-A plan maps each gate site (a layer name) to the output channel indices to
-remove. Channels tied in a group (residual adds) are removed together: naming
-one member removes the whole group, and `PruningPlan.from_groups` always lists
-every member.
+A plan maps layer names to the output channel indices to remove. Plans that
+keras_taylor writes are keyed by gate sites: the BatchNormalization after a
+Conv/Dense when one follows, else the Conv/Dense itself. A plan written by
+hand may name the Conv/Dense instead (or any layer that creates channels):
+its output channel `i` is the BN's channel `i`, so both name the same
+channel. Channels tied in a group (residual adds) are removed together:
+naming one member removes the whole group, and `PruningPlan.from_groups`
+always lists every member.
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ class PruningPlan:
     """Channels to remove, per gated layer.
 
     Attributes:
-        removed: `{layer_name: sorted list of removed output channel indices}`.
+        removed: `{layer_name: sorted list of removed output channel indices}`,
+            keyed by gate sites (`keras_taylor.analyze(model).gate_sites`) or
+            by the Conv/Dense layers that create the channels.
         model_name: name of the model the plan was made for (informative).
     """
 
@@ -85,17 +91,21 @@ class PruningPlan:
         """Group indices of `graph` that this plan removes.
 
         Raises:
-            ValueError: if the plan names a layer that is not a gate site of
-                the model, a channel index out of range, or a channel that
-                cannot be pruned.
+            ValueError: if the plan names a layer that is neither a gate site
+                nor a channel-creating (Conv/Dense) layer of the model, a
+                channel index out of range, or a channel that cannot be pruned.
         """
         sites = set(graph.gate_sites)
+        creating = graph.creating_layers()
         groups = set()
         for name, idx in self.removed.items():
-            if name not in sites:
+            if name not in sites and not (
+                name in creating and (graph.groups_of_layer_output(name) >= 0).any()
+            ):
                 raise ValueError(
                     f"Expected the plan's layers to be prunable layers of model "
-                    f"{graph.model_name!r} ({sorted(sites)}). Received: a plan "
+                    f"{graph.model_name!r} (gate sites {sorted(sites)}, or the "
+                    f"Conv/Dense layers that feed them). Received: a plan "
                     f"that prunes layer {name!r}."
                 )
             of = graph.groups_of_layer_output(name)

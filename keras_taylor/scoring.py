@@ -358,7 +358,7 @@ class TaylorScorer:
         for gate, groups in zip(self.gates, self._gate_groups):
             gate.score.assign_add(ops.take(padded, ops.convert_to_tensor(groups)))
         one = ops.where(finite, 1.0, 0.0)
-        self._counters.assign_add(ops.stack([one, 1.0 - one, 1.0, 0.0, 0.0]))
+        self._counters.assign_add(ops.stack([one, 1.0 - one, 1.0] + [0.0] * (len(COUNTERS) - 3)))
 
     def train_step(self, data):
         """The Keras TensorFlow `train_step`, plus gate gradients and scoring."""

@@ -9,12 +9,15 @@ alike. The result equals the gated model with the removed channels' gates at
 
 from __future__ import annotations
 
+import warnings
+
 import keras
 import numpy as np
 
 from keras_taylor import gates as gates_lib
 from keras_taylor import graph as graph_lib
 from keras_taylor import nesting
+from keras_taylor.flops import removed_groups_from_gates, run_shortfall
 from keras_taylor.plan import PruningPlan
 
 
@@ -71,7 +74,7 @@ def apply_plan(model: keras.Model, plan: PruningPlan, on_unknown: str = "error")
         handler = graph_lib.get_handler(layer)
         if handler is not None and layer.name in kept:
             config, weights = handler.slice_with_layout(layer, config, weights, *kept[layer.name])
-        new = layer.__class__.from_config(config)
+        new = gates_lib.layer_from_config(layer.__class__, config)
         pending.append((new, weights))
         return new
 
@@ -90,6 +93,12 @@ def prune(model: keras.Model, on_unknown: str = "error") -> keras.Model:
 
     Returns:
         A new, smaller model of stock Keras layers.
+
+    Warns:
+        UserWarning: when `TaylorPruning` recorded a target in the model's
+            gates that the gates do not reach (a run that ended early, or a
+            checkpoint kept from before the target, e.g. by
+            `ModelCheckpoint(save_best_only=True)`).
     """
     if not isinstance(model, keras.Model) or not gates_lib.is_gated(model):
         raise ValueError(
@@ -97,4 +106,15 @@ def prune(model: keras.Model, on_unknown: str = "error") -> keras.Model:
             f"model={getattr(model, 'name', model)!r} without ChannelGate layers; use "
             "`apply_plan(model, plan)` for an ungated model."
         )
-    return apply_plan(model, PruningPlan.from_gates(model), on_unknown=on_unknown)
+    graph = graph_lib.analyze(model, on_unknown="freeze")
+    shortfall = run_shortfall(model, graph)
+    if shortfall:
+        warnings.warn(
+            f"keras_taylor.prune: {shortfall}; the pruned model keeps those "
+            "channels. The run ended early, or this is a checkpoint from before "
+            "the target was reached (`ModelCheckpoint(save_best_only=True)` "
+            "keeps the best epoch, which may precede it: monitor an epoch after "
+            "pruning, or save every epoch). Fit on to finish the run.",
+            stacklevel=2,
+        )
+    return apply_plan(model, PruningPlan.from_groups(graph, removed_groups_from_gates(model, graph)), on_unknown=on_unknown)
