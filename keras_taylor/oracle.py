@@ -46,6 +46,10 @@ from keras_taylor.plotting import new_figure
 tf = _compat.import_tensorflow("keras_taylor.oracle (the measured loss change of each group)")
 
 CACHE_FORMAT = "keras_taylor.oracle/1"
+# "heldout": ΔL of the pooled held-out loss, inference mode (signed).
+# "nvlabs": E_b |ΔL_b| over training minibatches in training mode, as
+# NVlabs/Taylor_pruning's `run_full_oracle` (method 40) computes it.
+DEFINITIONS = ("heldout", "nvlabs")
 
 
 # ---- checks ----------------------------------------------------------------
@@ -132,9 +136,11 @@ def _materialize(data, batch_size: int) -> list:
 
 
 # ---- cache -----------------------------------------------------------------
-def _cache_key(gated, batches, num_groups: int) -> str:
-    """SHA-256 of every model variable (gates included), the data and the loss."""
-    h = hashlib.sha256(f"{CACHE_FORMAT}|groups={num_groups}".encode())
+def _cache_key(gated, batches, num_groups: int, definition: str = "heldout") -> str:
+    """SHA-256 of every model variable (gates included), the data, the loss and
+    the oracle's definition (the held-out key is unchanged from before it had one)."""
+    suffix = "" if definition == "heldout" else f"|definition={definition}"
+    h = hashlib.sha256(f"{CACHE_FORMAT}|groups={num_groups}{suffix}".encode())
     loss = keras.saving.serialize_keras_object(gated.loss)
     h.update(json.dumps(loss, sort_keys=True, default=str).encode())
     arrays = [(v.path, keras.ops.convert_to_numpy(v.value)) for v in gated.weights]
@@ -161,13 +167,15 @@ def _save_cache(path, key: str, deltas) -> None:
 
 
 # ---- evaluation ------------------------------------------------------------
-def _loss_function(gated):
-    """One compiled function: the model's compiled loss on a batch, in inference mode."""
+def _loss_function(gated, training: bool = False):
+    """One compiled function: the model's compiled loss on a batch, in inference
+    mode (or in training mode: BatchNorm normalises by the batch's statistics
+    and moves its moving statistics, which the caller restores)."""
 
     @tf.function(reduce_retracing=True)
     def batch_loss(x, y, sample_weight):
-        y_pred = gated(x, training=False)
-        return gated.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=False)
+        y_pred = gated(x, training=training)
+        return gated.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training)
 
     return batch_loss
 
@@ -215,6 +223,31 @@ def _evaluate(gated, gate_layers, graph, batches, progress: bool) -> np.ndarray:
     return deltas
 
 
+def _evaluate_nvlabs(gated, gate_layers, graph, batches, progress: bool) -> np.ndarray:
+    """`mean_b |L_b(gates of g at 0) − L_b|` of every group, in training mode
+    (NVlabs/Taylor_pruning `run_full_oracle`, method 40); the caller restores
+    gates and non-trainable variables."""
+    loss_fn = _loss_function(gated, training=True)
+    original = [keras.ops.convert_to_numpy(l.gate.value) for l in gate_layers]
+    base = np.array([float(loss_fn(x, y, sw)) for x, y, sw in batches])
+    deltas = np.full(graph.num_groups, np.nan)
+    verbose = 1 if sys.stdout.isatty() else 2
+    bar = keras.utils.Progbar(graph.num_groups, unit_name="group", verbose=verbose) if progress else None
+    for g, slots in enumerate(_group_slots(gate_layers, graph)):
+        if slots and any(np.any(original[i][ch] != 0) for i, ch in slots):
+            for i, ch in slots:
+                value = original[i].copy()
+                value[ch] = 0.0
+                gate_layers[i].gate.assign(value)
+            removed = np.array([float(loss_fn(x, y, sw)) for x, y, sw in batches])
+            deltas[g] = float(np.mean(np.abs(removed - base)))
+            for i, _ in slots:
+                gate_layers[i].gate.assign(original[i])
+        if bar is not None:
+            bar.update(g + 1)
+    return deltas
+
+
 def _restore_metrics(gated, saved: dict) -> None:
     """Undoes the loss trackers' updates: a multi-output compiled loss tracks
     each output's loss, in metrics it creates on its first call."""
@@ -226,7 +259,9 @@ def _restore_metrics(gated, saved: dict) -> None:
             v.assign(saved[id(v)])
 
 
-def oracle_deltas(gated, data, *, batch_size: int = 256, graph=None, cache=None, progress: bool = True) -> np.ndarray:
+def oracle_deltas(
+    gated, data, *, batch_size: int = 256, graph=None, cache=None, progress: bool = True, definition: str = "heldout"
+) -> np.ndarray:
     """The CVPR'19 oracle: the loss change when each channel group alone is removed.
 
     For every channel group `g`, `ΔL_g = L(gates of g at 0) − L(gates as they
@@ -254,16 +289,20 @@ def oracle_deltas(gated, data, *, batch_size: int = 256, graph=None, cache=None,
             `None` (no cache).
         progress: show a `keras.utils.Progbar` over the groups. Defaults to
             `True`.
+        definition: `"heldout"` (the pooled held-out loss change, inference
+            mode) or `"nvlabs"` (mean over minibatches of `|ΔL_b|`, training
+            mode). Defaults to `"heldout"`.
 
     Returns:
-        A float64 array of shape `(graph.num_groups,)` of signed loss changes
-        (positive: removing the group hurts). Groups already pruned (every
+        A float64 array of shape `(graph.num_groups,)`: signed loss changes
+        (positive: removing the group hurts) for `"heldout"`, mean absolute
+        per-minibatch changes for `"nvlabs"`. Groups already pruned (every
         member gate at 0) are NaN.
 
     Raises:
         ValueError: if `gated` has no gates or is not compiled with a loss,
-            if `graph` is not its graph, or if `data` is empty or not
-            `(x, y)` data.
+            if `graph` is not its graph, if `data` is empty or not
+            `(x, y)` data, or for an unknown `definition`.
 
     Example:
 
@@ -275,19 +314,26 @@ def oracle_deltas(gated, data, *, batch_size: int = 256, graph=None, cache=None,
         Molchanov et al., "Importance Estimation for Neural Network Pruning",
         CVPR 2019 (the oracle).
     """
+    if definition not in DEFINITIONS:
+        raise ValueError(f"Expected definition in {DEFINITIONS}. Received: definition={definition!r}")
     gate_layers = _check_model(gated)
     graph = graph if graph is not None else graph_lib.analyze(gated, on_unknown="freeze")
     _check_graph(graph, gate_layers)
     batches = _materialize(data, batch_size)
-    key = _cache_key(gated, batches, graph.num_groups) if cache is not None else None
+    key = _cache_key(gated, batches, graph.num_groups, definition) if cache is not None else None
     cached = _load_cache(cache, key)
     if cached is not None and cached.shape == (graph.num_groups,):
         return cached
     gate_values = [keras.ops.convert_to_numpy(l.gate.value) for l in gate_layers]
     metric_values = {id(v): keras.ops.convert_to_numpy(v.value) for v in gated.metrics_variables}
+    # Training mode moves BatchNorm's moving statistics: put every variable back.
+    state = [(v, keras.ops.convert_to_numpy(v.value)) for v in gated.non_trainable_variables] if definition == "nvlabs" else []
+    evaluate = _evaluate_nvlabs if definition == "nvlabs" else _evaluate
     try:
-        deltas = _evaluate(gated, gate_layers, graph, batches, progress)
+        deltas = evaluate(gated, gate_layers, graph, batches, progress)
     finally:
+        for v, value in state:
+            v.assign(value)
         for layer, value in zip(gate_layers, gate_values):
             layer.gate.assign(value)
         _restore_metrics(gated, metric_values)
@@ -322,27 +368,35 @@ def _scipy_stats():
     return stats
 
 
+_STATS = ("spearman", "kendall", "pearson")
+
+
 def _pair(stats, a, b) -> dict:
-    """Spearman and Kendall of two vectors (NaN when fewer than 2 or constant)."""
+    """Spearman, Kendall and Pearson of two vectors (NaN when fewer than 2 or constant)."""
     if len(a) < 2:
-        return {"spearman": float("nan"), "kendall": float("nan"), "n": int(len(a))}
+        return {"spearman": float("nan"), "kendall": float("nan"), "pearson": float("nan"), "n": int(len(a))}
     with warnings.catch_warnings():  # a constant input gives NaN, reported as such
         warnings.simplefilter("ignore", stats.ConstantInputWarning)
+        warnings.simplefilter("ignore", RuntimeWarning)
         rho = stats.spearmanr(a, b).statistic
         tau = stats.kendalltau(a, b).statistic
-    return {"spearman": float(rho), "kendall": float(tau), "n": int(len(a))}
+        r = stats.pearsonr(a, b).statistic if np.ptp(a) > 0 and np.ptp(b) > 0 else float("nan")
+    return {"spearman": float(rho), "kendall": float(tau), "pearson": float(r), "n": int(len(a))}
 
 
 def _summaries(per_layer: dict) -> tuple:
-    """Median over layers and the group-count-weighted mean, of each statistic."""
-    median, weighted = {}, {}
-    for stat in ("spearman", "kendall"):
+    """Median over layers, the group-count-weighted mean and the plain mean
+    (NVlabs/NViT `plots/tools.py` `compute_stats`: "Mean per layer"), of each
+    statistic, over the layers where it is finite."""
+    median, weighted, mean = {}, {}, {}
+    for stat in _STATS:
         vals = np.array([r[stat] for r in per_layer.values()], dtype=np.float64)
         counts = np.array([r["n"] for r in per_layer.values()], dtype=np.float64)
         ok = np.isfinite(vals)
         median[stat] = float(np.median(vals[ok])) if ok.any() else float("nan")
         weighted[stat] = float(np.average(vals[ok], weights=counts[ok])) if ok.any() else float("nan")
-    return median, weighted
+        mean[stat] = float(np.mean(vals[ok])) if ok.any() else float("nan")
+    return median, weighted, mean
 
 
 def _check_lengths(scores, oracle, labels) -> None:
@@ -367,7 +421,10 @@ def rank_correlations(scores: dict, oracle, labels=None, min_per_layer: int = 3)
     """Rank correlations of criteria with the oracle's `|ΔL|` (CVPR'19 Table 1).
 
     Groups where a score or the oracle is not finite (NaN: already pruned)
-    are left out.
+    are left out. Reported as NVlabs' NViT code (`plots/tools.py`,
+    `compute_stats`) reports them: Spearman, Kendall and Pearson over all
+    groups ("over all layers") and per layer, with the plain mean of the
+    per-layer values ("mean per layer", `layer_mean`).
 
     Args:
         scores: `{criterion name: array of one score per group}`.
@@ -379,10 +436,12 @@ def rank_correlations(scores: dict, oracle, labels=None, min_per_layer: int = 3)
             per-layer results. Defaults to `3`.
 
     Returns:
-        A JSON-able dict `{criterion: {"spearman", "kendall", "n", "per_layer":
-        {label: {"spearman", "kendall", "n"}}, "layer_median": {"spearman",
-        "kendall"}, "layer_weighted_mean": {"spearman", "kendall"}}}`;
-        `layer_weighted_mean` weights each layer by its number of groups.
+        A JSON-able dict `{criterion: {"spearman", "kendall", "pearson", "n",
+        "per_layer": {label: {"spearman", "kendall", "pearson", "n"}},
+        "layer_median": {...}, "layer_weighted_mean": {...}, "layer_mean":
+        {...}}}`, each summary holding `"spearman"`, `"kendall"` and
+        `"pearson"`; `layer_weighted_mean` weights each layer by its number of
+        groups, `layer_mean` weights every layer alike.
 
     Raises:
         ValueError: if a score array or `labels` does not have one entry per
@@ -404,7 +463,7 @@ def rank_correlations(scores: dict, oracle, labels=None, min_per_layer: int = 3)
             if int(sel.sum()) >= min_per_layer:
                 per_layer[str(label)] = _pair(stats, s[sel], oracle[sel])
         entry["per_layer"] = per_layer
-        entry["layer_median"], entry["layer_weighted_mean"] = _summaries(per_layer)
+        entry["layer_median"], entry["layer_weighted_mean"], entry["layer_mean"] = _summaries(per_layer)
         result[str(name)] = entry
     return result
 
