@@ -179,3 +179,30 @@ def patch_tf2onnx() -> None:
     except ImportError:
         return
     patch()
+
+
+# --------------------------------------------------------------------------
+# Dynamic spatial shapes (keras_taylor.graph: `analyze(..., input_shape=)`).
+# --------------------------------------------------------------------------
+
+def concrete_shapes(model, input_shapes) -> dict:
+    """`{id(KerasTensor): shape}` for every tensor of the graph of `model`
+    when its inputs have the given full shapes (batch axis included).
+
+    Each recorded call is replayed with `compute_output_spec` on new
+    KerasTensors: no layer is called, so the model gains no nodes.
+    """
+    fn = functional_of(model)
+    tensors = {}
+    for x, shape in zip(fn.inputs, input_shapes):
+        tensors[id(x)] = keras.KerasTensor(tuple(shape), dtype=x.dtype)
+    by_depth = fn._nodes_by_depth
+    for depth in sorted(by_depth, reverse=True):
+        for node in by_depth[depth]:
+            if not node.operation or node.is_input:
+                continue
+            args, kwargs = node.arguments.fill_in(tensors)
+            out = node.operation.compute_output_spec(*args, **kwargs)
+            for ref, new in zip(node.outputs, keras.tree.flatten(out)):
+                tensors[id(ref)] = new
+    return {k: tuple(v.shape) for k, v in tensors.items()}

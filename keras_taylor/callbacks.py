@@ -19,6 +19,7 @@ import numpy as np
 from keras_taylor import align as align_lib
 from keras_taylor import criteria as criteria_lib
 from keras_taylor import graph as graph_lib
+from keras_taylor import flops as flops_lib
 from keras_taylor.flops import CostModel, removed_groups_from_gates
 from keras_taylor.gates import gate_layers, is_gated
 from keras_taylor.plan import PruningPlan
@@ -99,6 +100,12 @@ class TaylorPruning(keras.callbacks.Callback):
             under `target`: it may restore a few of the last-removed groups
             of a layer (weights as they were) and remove a few more
             low-scored ones elsewhere. Defaults to `None` (no rounding).
+        input_shape: the input size (without the batch axis, `(224, 224, 3)`)
+            that FLOPs are counted at, for a model whose input leaves
+            height/width unknown (`keras.Input((None, None, 3))`). Defaults
+            to `None`: the model's own input shape, or, when that leaves sizes
+            unknown, the shape of the first training batch (logged;
+            `input_shapes` holds the size used).
 
     Example:
 
@@ -127,6 +134,7 @@ class TaylorPruning(keras.callbacks.Callback):
         start_step: int = 0,
         criterion="taylor_fo_bn",
         channel_multiple: int | None = None,
+        input_shape=None,
     ):
         super().__init__()
         if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0.0 < float(target) <= 1.0:
@@ -156,7 +164,17 @@ class TaylorPruning(keras.callbacks.Callback):
         self.channel_multiple = channel_multiple
         criteria_lib.get(criterion)  # refuse an unknown criterion now, not at fit time
         self.criterion = criterion
+        if input_shape is not None and not (
+            isinstance(input_shape, (list, tuple)) and len(input_shape) > 0
+        ):
+            raise ValueError(
+                "Expected input_shape to be a shape without the batch axis, such "
+                f"as (224, 224, 3), or a list of them. Received: input_shape={input_shape!r}"
+            )
+        self.input_shape = input_shape
+        self.input_shapes = None  # the input size(s) FLOPs/params are counted at
         self._graph = None
+        self._cost = None
         self._scorer = None
         self._model_id = None
         self._step = 0
@@ -186,23 +204,53 @@ class TaylorPruning(keras.callbacks.Callback):
             )
         if id(model) == self._model_id:
             return
-        graph = graph_lib.analyze(model, on_unknown="freeze")
+        graph = graph_lib.analyze(model, on_unknown="freeze", input_shape=self.input_shape)
         if graph.num_groups == 0:
             raise ValueError(f"Expected prunable channels. Received: model={model.name!r} with none.")
         self._graph = graph
-        self._cost = CostModel(graph)
         self._scorer = TaylorScorer(model, graph, self.criterion)
         self._model_id = id(model)
         self._creating = list(graph.creating_layers().items())
-        self._base = self._measure(np.ones(len(graph.comp_of), dtype=bool))
         self._layer_of_group = self._group_layer_counts(graph)
-        self._context = ranking_context(graph, self._scorer, self._cost)
+        self._cost = None
+        if not flops_lib.is_dynamic(graph):
+            self._init_costs(graph)
         n = self.channels_per_step
         if n is None:
             n = max(1, int(round(_PAPER_CHANNELS_PER_STEP * graph.num_groups / _PAPER_GATED_CHANNELS)))
         self._per_step = n
         self.removed = []
         self._load_state()
+
+    def _init_costs(self, sized_graph) -> None:
+        """Cost model, unpruned totals and ranking context, at the input size
+        `sized_graph` was read at (same groups as `self._graph`)."""
+        self._cost = CostModel(sized_graph)
+        self.input_shapes = [tuple(s) for s in sized_graph.input_shapes]
+        self._base = self._measure(np.ones(len(self._graph.comp_of), dtype=bool))
+        self._context = ranking_context(self._graph, self._scorer, self._cost)
+
+    def _size_from_data(self) -> None:
+        """Reads the model at the size of the first training batch (the
+        scoring step records it when it is traced)."""
+        model = self.model
+        shapes = getattr(self._scorer, "data_shapes", None)
+        inputs = model.inputs or []
+        if not shapes or len(shapes) != len(inputs) or any(d is None for s in shapes for d in s[1:]):
+            self._uninstall()
+            raise ValueError(
+                f"Expected to know the input size FLOPs are counted at: model "
+                f"{model.name!r} leaves it unknown ({[tuple(t.shape[1:]) for t in inputs]}) "
+                f"and the training data did too (batch shapes {shapes}). Pass "
+                "`TaylorPruning(..., input_shape=(H, W, C))`."
+            )
+        given = [tuple(s[1:]) for s in shapes]
+        sized = graph_lib.analyze(model, on_unknown="freeze", input_shape=given if len(given) > 1 else given[0])
+        if sized.num_groups != self._graph.num_groups or len(sized.comp_of) != len(self._graph.comp_of):
+            raise ValueError(f"Model {model.name!r} has other channel groups at input size {given}.")
+        self._init_costs(sized)
+        logger.info("keras_taylor: FLOPs and params of %r counted at input size %s (the first training batch)", model.name, self.input_shapes)
+        self.done = self._fraction(self._graph.alive_ids(self.removed)) <= self.target
 
     def _load_state(self) -> None:
         """Reads the pruning state the gated model carries (one host read).
@@ -221,7 +269,7 @@ class TaylorPruning(keras.callbacks.Callback):
         self._last_event = int(counters["last_event"])
         self.ema = self._scorer.read_ema()
         self._ema_started = np.full(graph.num_groups, counters["events"] > 0)
-        self.done = self._fraction(graph.alive_ids(self.removed)) <= self.target
+        self.done = self._cost is not None and self._fraction(graph.alive_ids(self.removed)) <= self.target
 
     @staticmethod
     def _group_layer_counts(graph) -> list:
@@ -266,6 +314,10 @@ class TaylorPruning(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         self._step = self._epoch_base + int(batch) + 1
+        if self._cost is None:
+            self._size_from_data()
+            if self.done:
+                self._uninstall()
         if (
             not self.done
             and self._step >= self.start_step
