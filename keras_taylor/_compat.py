@@ -206,3 +206,23 @@ def concrete_shapes(model, input_shapes) -> dict:
             for ref, new in zip(node.outputs, keras.tree.flatten(out)):
                 tensors[id(ref)] = new
     return {k: tuple(v.shape) for k, v in tensors.items()}
+
+
+def structural_op_classes() -> dict:
+    """`keras.ops` operations that move channels (pad, split, reductions),
+    for the handlers of `keras_taylor.handlers` (absent ones are skipped)."""
+    from keras.src.ops import numpy as knp
+
+    def found(names):
+        return tuple(getattr(knp, n) for n in names if hasattr(knp, n))
+
+    return {"pad": found(("Pad",)), "split": found(("Split",)), "reduce": found(("Mean", "Sum", "Max", "Min", "Amax", "Amin"))}
+
+
+def recorded_call_kwargs(op) -> dict:
+    """The keyword arguments of the first symbolic call of a `keras.ops`
+    operation (`constant_values` of `ops.pad`); `{}` when it has none."""
+    nodes = getattr(op, "_inbound_nodes", None) or []
+    if not nodes:
+        return {}
+    return dict(nodes[0].arguments.kwargs)

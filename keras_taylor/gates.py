@@ -30,7 +30,7 @@ from keras import ops
 
 from keras_taylor import _compat
 from keras_taylor import graph as graph_lib
-from keras_taylor import nesting
+from keras_taylor import nesting, tracing
 
 _MODES = ("params", "output")
 
@@ -207,7 +207,7 @@ def gate_layers(model: keras.Model) -> list:
 
 
 def _clone_layer(layer):
-    return layer.__class__.from_config(layer.get_config())
+    return nesting.copy_layer(layer)[0]
 
 
 def _call_accepting(layer, *args, **kwargs):
@@ -247,7 +247,8 @@ def clone_with(model: keras.Model, clone_function) -> keras.Model:
 
 def _copy_weights(pairs) -> None:
     for src, dst in pairs:
-        dst.set_weights(src.get_weights())
+        if dst is not src:  # a layer reused as is (see nesting.copy_layer)
+            dst.set_weights(src.get_weights())
 
 
 def add_gates(model: keras.Model, on_unknown: str = "error") -> keras.Model:
@@ -276,7 +277,7 @@ def add_gates(model: keras.Model, on_unknown: str = "error") -> keras.Model:
             "Expected a model without gates. Received: model="
             f"{model.name!r}, which already holds ChannelGate layers."
         )
-    model = nesting.inline_nested_models(model)  # the gated copy is flat
+    model = tracing.inline_composite_layers(model)  # the gated copy is flat and composites traced
     graph = graph_lib.analyze(model, on_unknown=on_unknown)
     sites = set(graph.gate_sites)
     pairs = []

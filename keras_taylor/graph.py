@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import keras
 import numpy as np
 
-from keras_taylor import _compat, nesting
+from keras_taylor import _compat, nesting, tracing
 from keras_taylor.handlers import AnalysisContext, LayerHandler, get_handler
 
 _ON_UNKNOWN = ("error", "freeze")
@@ -333,7 +333,7 @@ def analyze(model: keras.Model, on_unknown: str = "error", input_shape=None) -> 
     """
     if on_unknown not in _ON_UNKNOWN:
         raise ValueError(f"Expected on_unknown in {_ON_UNKNOWN}. Received: on_unknown={on_unknown!r}")
-    model = nesting.inline_nested_models(model)  # analyse sub-models' layers in place
+    model = tracing.inline_composite_layers(model)  # analyse sub-models' layers in place and composites traced
     uf = _UnionFind()
     maps: dict = {}  # id(KerasTensor) -> channel map
     axes: dict = {}  # id(KerasTensor) -> channel axis (None: one channel)

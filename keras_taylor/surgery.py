@@ -14,7 +14,7 @@ import numpy as np
 
 from keras_taylor import gates as gates_lib
 from keras_taylor import graph as graph_lib
-from keras_taylor import nesting
+from keras_taylor import nesting, tracing
 from keras_taylor.plan import PruningPlan
 
 
@@ -38,7 +38,7 @@ def apply_plan(model: keras.Model, plan: PruningPlan, on_unknown: str = "error")
     if not isinstance(plan, PruningPlan):
         raise TypeError(f"Expected a keras_taylor.PruningPlan. Received: plan={plan!r}")
     # Analyse (and validate the plan) before building anything.
-    model = nesting.inline_nested_models(model)  # the pruned model is flat
+    model = tracing.inline_composite_layers(model)  # the pruned model is flat and composites traced
     graph = graph_lib.analyze(model, on_unknown=on_unknown)
     removed = plan.removed_groups(graph)
     alive = graph.alive_ids(removed)
@@ -71,7 +71,11 @@ def apply_plan(model: keras.Model, plan: PruningPlan, on_unknown: str = "error")
         handler = graph_lib.get_handler(layer)
         if handler is not None and layer.name in kept:
             config, weights = handler.slice_with_layout(layer, config, weights, *kept[layer.name])
-        new = layer.__class__.from_config(config)
+            new = nesting.rebuild_layer(layer, config)
+        else:  # channels unchanged: reused when its config cannot rebuild it
+            new, copied = nesting.copy_layer(layer, config)
+            if not copied:
+                return new
         pending.append((new, weights))
         return new
 
