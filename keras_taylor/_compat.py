@@ -202,7 +202,15 @@ def concrete_shapes(model, input_shapes) -> dict:
             if not node.operation or node.is_input:
                 continue
             args, kwargs = node.arguments.fill_in(tensors)
-            out = node.operation.compute_output_spec(*args, **kwargs)
+            op = node.operation
+            try:
+                out = op.compute_output_spec(*args, **kwargs)
+            except TypeError:  # a `compute_output_spec` without `training=`
+                import inspect
+
+                params = inspect.signature(op.compute_output_spec).parameters
+                kwargs = {k: v for k, v in kwargs.items() if k in params}
+                out = op.compute_output_spec(*args, **kwargs)
             for ref, new in zip(node.outputs, keras.tree.flatten(out)):
                 tensors[id(ref)] = new
     return {k: tuple(v.shape) for k, v in tensors.items()}

@@ -66,14 +66,29 @@ def apply_plan(model: keras.Model, plan: PruningPlan, on_unknown: str = "error")
     pending = []
 
     def clone(layer):
-        config = layer.get_config()
         weights = layer.get_weights()
         handler = graph_lib.get_handler(layer)
         if handler is not None and layer.name in kept:
-            config, weights = handler.slice_with_layout(layer, config, weights, *kept[layer.name])
-            new = nesting.rebuild_layer(layer, config)
+            try:
+                config = layer.get_config()
+            except Exception:  # noqa: BLE001 - a layer without a config: see below
+                config = None
+            if config is None:  # kept as is if slicing leaves it alone (Identity)
+                sliced, new_weights = handler.slice_with_layout(layer, {}, weights, *kept[layer.name])
+                if sliced or any(a.shape != b.shape for a, b in zip(new_weights, weights)):
+                    raise ValueError(
+                        f"Cannot rebuild layer {layer.name!r} of class {type(layer).__name__} "
+                        "with fewer channels: its `get_config()` fails. Give it a "
+                        "`get_config()` that `from_config` accepts."
+                    )
+                new, copied = nesting.copy_layer(layer)
+                if not copied:
+                    return new
+            else:
+                config, weights = handler.slice_with_layout(layer, config, weights, *kept[layer.name])
+                new = nesting.rebuild_layer(layer, config)
         else:  # channels unchanged: reused when its config cannot rebuild it
-            new, copied = nesting.copy_layer(layer, config)
+            new, copied = nesting.copy_layer(layer)
             if not copied:
                 return new
         pending.append((new, weights))

@@ -17,7 +17,9 @@ How:
   belong to sublayers) and has sublayers is *traced*: a copy of the layer
   (rebuilt from its config, built by one symbolic call, weights copied) runs
   its `call` directly, not through `__call__`, so its sublayers' calls and the
-  ops are recorded as nodes. The recorded call arguments go along unchanged:
+  ops are recorded as nodes. Each traced call is checked once against
+  the layer on random inputs, which catches a `call` whose graph depends on
+  run-time values (a `Resizing(ops.shape(x)[1], ...)` made inside `call`). The recorded call arguments go along unchanged:
   `training=` reaches the sublayers the way the layer's own `call` passes it.
 * Every other layer is copied from its config with its weights (reused as is
   when its config cannot rebuild it; `nesting.copy_layer`), so the user's
@@ -39,6 +41,7 @@ from __future__ import annotations
 import warnings
 
 import keras
+import numpy as np
 
 from keras_taylor import _compat, nesting
 from keras_taylor.handlers import get_handler
@@ -77,6 +80,8 @@ class _Tracer:
         self.traced = []  # names of the layers traced
         self.failed = {}  # name -> reason
         self.warn = warn
+        self.verified = set()
+        self.on_originals = False  # traced on the user's layer (config cannot rebuild it)
 
     def copy(self, op):
         key = id(op)
@@ -106,14 +111,16 @@ class _Tracer:
                 )
 
     def _traceable_copy(self, op, args, kwargs):
-        """A built copy of composite `op` holding its weights, or `None`."""
+        """A built copy of composite `op` holding its weights; `op` itself
+        when its config cannot rebuild it (its sublayers are then copied by a
+        later pass); `None` when it cannot be built either."""
         key = id(op)
         if key in self.copies:
             return self.copies[key]
         try:
             new = nesting.rebuild_layer(op)
         except Exception as e:  # noqa: BLE001 - reported, the layer stays a unit
-            self._fail(op, f"its config does not rebuild it: {type(e).__name__}: {str(e)[:160]}")
+            self._fail(op, f"its config does not rebuild it: {type(e).__name__}: {str(e).strip()[:160]}")
             return None
         try:
             new(*args, **kwargs)  # builds the copy's sublayers (throwaway node)
@@ -127,17 +134,54 @@ class _Tracer:
         self.copies[key] = new
         return new
 
+    def _verify(self, op, new, args, kwargs) -> None:
+        """Raises unless the traced `call` of `new` computes what `op` does,
+        on random inputs (unknown sizes set to 8): catches calls whose graph
+        depends on run-time values (a layer made in `call` from
+        `ops.shape(x)`)."""
+        for size in (8, 11):
+            self._verify_at(op, new, args, kwargs, size)
+
+    def _verify_at(self, op, new, args, kwargs, size) -> None:
+        fresh, real = {}, {}
+        rng = np.random.default_rng(0)
+
+        def symbolic(t):
+            if not isinstance(t, keras.KerasTensor):
+                return t
+            if id(t) not in fresh:
+                fresh[id(t)] = keras.Input(batch_shape=t.shape, dtype=t.dtype)
+                shape = tuple(2 if i == 0 and d is None else (size if d is None else d) for i, d in enumerate(t.shape))
+                real[id(t)] = rng.normal(size=shape).astype(t.dtype) if "float" in str(t.dtype) else np.zeros(shape, t.dtype)
+            return fresh[id(t)]
+
+        sym_args, sym_kwargs = keras.tree.map_structure(symbolic, (list(args), dict(kwargs)))
+        out = new.call(*sym_args, **sym_kwargs)
+        sub = keras.Model(list(fresh.values()), out)
+        concrete = lambda t: real[id(t)] if isinstance(t, keras.KerasTensor) else t
+        c_args, c_kwargs = keras.tree.map_structure(concrete, (list(args), dict(kwargs)))
+        want = keras.tree.flatten(op(*c_args, **c_kwargs))
+        got = keras.tree.flatten(sub([real[k] for k in fresh]))
+        for a, b in zip(want, got):
+            a, b = keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b)
+            scale = max(float(np.max(np.abs(a))), 1e-6)
+            if a.shape != b.shape or not float(np.max(np.abs(a - b))) <= 1e-4 * scale:
+                raise ValueError("its traced graph does not compute what its call does (it depends on run-time values)")
+
     def call(self, op, *args, **kwargs):
         if _is_candidate(op) and op.name not in self.failed:
             new = self._traceable_copy(op, args, kwargs)
             if new is not None:
                 try:
+                    if id(op) not in self.verified:
+                        self._verify(op, new, args, kwargs)
+                        self.verified.add(id(op))
                     out = new.call(*args, **kwargs)
                     for t in keras.tree.flatten(out):
                         if not isinstance(t, keras.KerasTensor) or getattr(t, "_keras_history", None) is None:
                             raise ValueError(f"its call returned {type(t).__name__}, not a symbolic tensor")
                 except Exception as e:  # noqa: BLE001 - reported, the layer stays a unit
-                    self._fail(op, f"its call cannot run on symbolic tensors: {type(e).__name__}: {str(e)[:160]}")
+                    self._fail(op, f"its call cannot be traced: {type(e).__name__}: {str(e)[:160]}")
                     self.copies.pop(id(op), None)
                 else:
                     if op.name not in self.traced:
@@ -166,7 +210,7 @@ def _trace_once(model, warn: bool, failed: dict):
     flat = keras.Model(inputs, outputs, name=model.name)
     for src, dst in tracer.pairs:
         dst.set_weights(src.get_weights())
-    return flat, tracer.traced
+    return flat, tracer.traced, tracer.on_originals
 
 
 def inline_composite_layers(model: keras.Model, max_depth: int = 8, warn: bool = True) -> keras.Model:
@@ -197,13 +241,17 @@ def inline_composite_layers(model: keras.Model, max_depth: int = 8, warn: bool =
     model = nesting.inline_nested_models(model)
     failed: dict = {}
     result = model
+    shared = False  # the result still holds sublayers of the user's layers
     for _ in range(max_depth):
         if not any(_is_candidate(op) and op.name not in failed for op, _, _ in _compat.nodes_in_order(result)):
             break
-        result, traced = _trace_once(result, warn, failed)
+        result, traced, on_originals = _trace_once(result, warn, failed)
+        shared = on_originals or (shared and not traced)
         if not traced:
             break
         result = nesting.inline_nested_models(result)
+    if shared:  # copy the user's sublayers that tracing put in the graph
+        result, _, _ = _trace_once(result, warn, failed)
     if result is not model and not model.trainable:
         result.trainable = False
     return result

@@ -145,3 +145,82 @@ MODELS = {
     "vit": vit,
     "deeplab_v3": deeplab,
 }
+
+
+def prunable_mac_share(graph, cost) -> float:
+    """Share of the Conv/Dense MACs (at the graph's input size) spent in
+    calls whose input or output channels hold a prunable group."""
+    import numpy as np
+
+    total = prunable = 0.0
+    for node in graph.nodes:
+        if node.handler is None:
+            continue
+        macs = node.handler.macs(node.inner, node.in_shapes, node.out_shapes)
+        cin = len(node.in_maps[0]) if node.in_maps else 0
+        value = macs.total(cin, len(node.out_maps[0]))
+        if not value:
+            continue
+        total += value
+        ids = np.concatenate([node.in_maps[0], node.out_maps[0]]) if node.in_maps else node.out_maps[0]
+        if (graph.group_of_comp[graph.comp_of[ids]] >= 0).any():
+            prunable += value
+    return prunable / total if total else 0.0
+
+
+def sweep_one(name, fraction=0.3, seed=0, tmpdir=None, size=SIZE):
+    """Gate `name`, remove a random `fraction` of its channel groups, prune,
+    and measure. Returns a dict (see benchmarks/kerashub_sweep.py)."""
+    import os
+    import tempfile
+    import warnings
+
+    import keras
+    import numpy as np
+
+    import keras_taylor as kt
+    from keras_taylor.flops import CostModel
+
+    model = MODELS[name]()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gated = kt.add_gates(model, on_unknown="freeze")
+    untraced = sorted({str(w.message).split("'")[1] for w in caught if "Cannot trace layer" in str(w.message)})
+    graph = kt.analyze(gated, on_unknown="freeze", input_shape=size)
+    row = {"model": name, "class": type(model).__name__, "groups": graph.num_groups,
+           "unknown_layers": sorted({type(n.inner).__name__ for n in graph.nodes if n.handler is None}),
+           "untraced": untraced}
+    row["prunable_mac_share"] = prunable_mac_share(graph, CostModel(graph))
+    if graph.num_groups == 0:
+        row.update(pruned=False, reason="no prunable channel group")
+        return row
+    rng = np.random.default_rng(seed)
+    removed = set(rng.choice(graph.num_groups, max(1, int(round(fraction * graph.num_groups))), replace=False).tolist())
+    # Keep at least one channel in every Conv/Dense layer.
+    for lname, ids in graph.creating_layers().items():
+        groups = graph.group_of_comp[graph.comp_of[ids]]
+        if groups.size and np.all(np.isin(groups, list(removed))):
+            removed.discard(int(groups[0]))
+    for layer in kt.gates.gate_layers(gated):
+        g = graph.groups_of_layer_output(layer.name)
+        layer.gate.assign(np.where((g >= 0) & np.isin(g, list(removed)), 0.0, 1.0).astype("float32"))
+    pruned = kt.prune(gated, on_unknown="freeze")
+    x = rng.normal(size=(2, *size)).astype("float32")
+    want = [np.asarray(a) for a in keras.tree.flatten(gated(x, training=False))]
+    got = [np.asarray(a) for a in keras.tree.flatten(pruned(x, training=False))]
+    err = max(float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(a))), 1e-12)) for a, b in zip(want, got))
+    before = kt.profile(model, input_shape=size)
+    after = kt.profile(pruned, input_shape=size)
+    tmp = tmpdir or tempfile.mkdtemp()
+    path = os.path.join(tmp, f"{name}.keras")
+    pruned.save(path)
+    reloaded = keras.saving.load_model(path)
+    back = [np.asarray(a) for a in keras.tree.flatten(reloaded(x, training=False))]
+    reload_err = max(float(np.max(np.abs(a - b))) for a, b in zip(got, back))
+    row.update(
+        pruned=True, removed_groups=len(removed), max_rel_error=err, reload_max_abs_diff=reload_err,
+        flops_ratio=after.flops / before.flops, params_ratio=after.params / before.params,
+        flops_before=before.flops, params_before=before.params,
+        pruned_class=type(pruned).__name__, input_shape=list(size),
+    )
+    return row
