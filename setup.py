@@ -21,9 +21,15 @@ setup(
         # `keras_taylor.export.export_onnx`; tested with tf2onnx 1.17.0,
         # onnx 1.23.2, onnxruntime 1.31.1 on TF 2.21 / Keras 3.15.
         "onnx": ["tf2onnx>=1.16", "onnx", "onnxruntime"],
+        # KerasHub vision models (tests/test_kerashub.py, docs/kerashub.md).
+        # keras-hub itself is installed with --no-deps by .ci/setup.sh: its
+        # own requirements pull `tensorflow` (GPU) and `tensorflow-text`,
+        # which would replace tensorflow-cpu; vision models need only these.
+        "hub": ["regex", "tokenizers", "sentencepiece", "kagglehub"],
         "test": [
             "tensorflow-cpu>=2.18", "tensorflow-datasets", "pytest", "pytest-xdist", "hypothesis", "scipy", "matplotlib",
             "tf2onnx>=1.16", "onnx", "onnxruntime", "tensorboard", "nbclient", "nbformat", "ipykernel",
+            "regex", "tokenizers", "sentencepiece", "kagglehub",  # the "hub" extra; keras-hub: .ci/setup.sh
         ],
     },
     entry_points={"console_scripts": ["keras-taylor = keras_taylor.cli:main"]},

@@ -19,4 +19,8 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[test,examples]"
+# KerasHub without its dependencies: they would pull `tensorflow` and
+# `tensorflow-text` over tensorflow-cpu; the "hub" extra (in "test") has the
+# light ones its vision models import. Tested with keras-hub 0.32.0.
+.venv/bin/python -m pip install -q --no-deps "keras-hub==0.32.0"
 echo "setup done: $(.venv/bin/python -c 'import tensorflow as tf, keras; print("tensorflow", tf.__version__, "keras", keras.__version__)')"

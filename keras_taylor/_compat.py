@@ -217,3 +217,58 @@ def convert_variables_to_constants_v2(concrete_function, **kwargs):
     )
 
     return convert(concrete_function, **kwargs)
+
+
+# --------------------------------------------------------------------------
+# Dynamic spatial shapes (keras_taylor.graph: `analyze(..., input_shape=)`).
+# --------------------------------------------------------------------------
+
+def concrete_shapes(model, input_shapes) -> dict:
+    """`{id(KerasTensor): shape}` for every tensor of the graph of `model`
+    when its inputs have the given full shapes (batch axis included).
+
+    Each recorded call is replayed with `compute_output_spec` on new
+    KerasTensors: no layer is called, so the model gains no nodes.
+    """
+    fn = functional_of(model)
+    tensors = {}
+    for x, shape in zip(fn.inputs, input_shapes):
+        tensors[id(x)] = keras.KerasTensor(tuple(shape), dtype=x.dtype)
+    by_depth = fn._nodes_by_depth
+    for depth in sorted(by_depth, reverse=True):
+        for node in by_depth[depth]:
+            if not node.operation or node.is_input:
+                continue
+            args, kwargs = node.arguments.fill_in(tensors)
+            op = node.operation
+            try:
+                out = op.compute_output_spec(*args, **kwargs)
+            except TypeError:  # a `compute_output_spec` without `training=`
+                import inspect
+
+                params = inspect.signature(op.compute_output_spec).parameters
+                kwargs = {k: v for k, v in kwargs.items() if k in params}
+                out = op.compute_output_spec(*args, **kwargs)
+            for ref, new in zip(node.outputs, keras.tree.flatten(out)):
+                tensors[id(ref)] = new
+    return {k: tuple(v.shape) for k, v in tensors.items()}
+
+
+def structural_op_classes() -> dict:
+    """`keras.ops` operations that move channels (pad, split, reductions),
+    for the handlers of `keras_taylor.handlers` (absent ones are skipped)."""
+    from keras.src.ops import numpy as knp
+
+    def found(names):
+        return tuple(getattr(knp, n) for n in names if hasattr(knp, n))
+
+    return {"pad": found(("Pad",)), "split": found(("Split",)), "reduce": found(("Mean", "Sum", "Max", "Min", "Amax", "Amin"))}
+
+
+def recorded_call_kwargs(op) -> dict:
+    """The keyword arguments of the first symbolic call of a `keras.ops`
+    operation (`constant_values` of `ops.pad`); `{}` when it has none."""
+    nodes = getattr(op, "_inbound_nodes", None) or []
+    if not nodes:
+        return {}
+    return dict(nodes[0].arguments.kwargs)

@@ -21,6 +21,7 @@ import numpy as np
 from keras_taylor import align as align_lib
 from keras_taylor import criteria as criteria_lib
 from keras_taylor import graph as graph_lib
+from keras_taylor import flops as flops_lib
 from keras_taylor.flops import CostModel, removed_groups_from_gates
 from keras_taylor import gates as gates_lib
 from keras_taylor.gates import METRICS as _METRICS
@@ -108,6 +109,12 @@ class TaylorPruning(keras.callbacks.Callback):
             `target`: it may restore a few of the last-removed groups of a
             layer (weights as they were) and remove a few more low-scored
             ones elsewhere. Defaults to `None` (no rounding).
+        input_shape: the input size (without the batch axis, `(224, 224, 3)`)
+            that FLOPs are counted at, for a model whose input leaves
+            height/width unknown (`keras.Input((None, None, 3))`). Defaults
+            to `None`: the model's own input shape, or, when that leaves sizes
+            unknown, the shape of the first training batch (logged;
+            `input_shapes` holds the size used).
 
     The progress bar and `logs` show `kt_flops` and `kt_params`, the
     fractions of the unpruned model's FLOPs and params left; `history` and
@@ -155,6 +162,7 @@ class TaylorPruning(keras.callbacks.Callback):
         start_step: int = 0,
         criterion="taylor_fo_bn",
         channel_multiple: int | None = None,
+        input_shape=None,
     ):
         super().__init__()
         if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0.0 < float(target) <= 1.0:
@@ -184,7 +192,17 @@ class TaylorPruning(keras.callbacks.Callback):
         self.channel_multiple = channel_multiple
         criteria_lib.get(criterion)  # refuse an unknown criterion now, not at fit time
         self.criterion = criterion
+        if input_shape is not None and not (
+            isinstance(input_shape, (list, tuple)) and len(input_shape) > 0
+        ):
+            raise ValueError(
+                "Expected input_shape to be a shape without the batch axis, such "
+                f"as (224, 224, 3), or a list of them. Received: input_shape={input_shape!r}"
+            )
+        self.input_shape = input_shape
+        self.input_shapes = None  # the input size(s) FLOPs/params are counted at
         self._graph = None
+        self._cost = None
         self._scorer = None
         self._model_id = None
         self._step = 0
@@ -217,17 +235,17 @@ class TaylorPruning(keras.callbacks.Callback):
         self._warn_execution_schedule(model)
         if id(model) == self._model_id:
             return
-        graph = graph_lib.analyze(model, on_unknown="freeze")
+        graph = graph_lib.analyze(model, on_unknown="freeze", input_shape=self.input_shape)
         if graph.num_groups == 0:
             raise ValueError(f"Expected prunable channels. Received: model={model.name!r} with none.")
         self._graph = graph
-        self._cost = CostModel(graph)
         self._scorer = TaylorScorer(model, graph, self.criterion)
         self._model_id = id(model)
         self._creating = list(graph.creating_layers().items())
-        self._base = self._measure(np.ones(len(graph.comp_of), dtype=bool))
         self._layer_of_group = self._group_layer_counts(graph)
-        self._context = ranking_context(graph, self._scorer, self._cost)
+        self._cost = None
+        if not flops_lib.is_dynamic(graph):
+            self._init_costs(graph)
         self._per_step = self.channels_per_step or self._default_per_step(graph)
         self.removed = []
         self.history = []  # a new model: a new run
@@ -292,6 +310,36 @@ class TaylorPruning(keras.callbacks.Callback):
         )
         return n
 
+    def _init_costs(self, sized_graph) -> None:
+        """Cost model, unpruned totals and ranking context, at the input size
+        `sized_graph` was read at (same groups as `self._graph`)."""
+        self._cost = CostModel(sized_graph)
+        self.input_shapes = [tuple(s) for s in sized_graph.input_shapes]
+        self._base = self._measure(np.ones(len(self._graph.comp_of), dtype=bool))
+        self._context = ranking_context(self._graph, self._scorer, self._cost)
+
+    def _size_from_data(self) -> None:
+        """Reads the model at the size of the first training batch (the
+        scoring step records it when it is traced)."""
+        model = self.model
+        shapes = getattr(self._scorer, "data_shapes", None)
+        inputs = model.inputs or []
+        if not shapes or len(shapes) != len(inputs) or any(d is None for s in shapes for d in s[1:]):
+            self._uninstall()
+            raise ValueError(
+                f"Expected to know the input size FLOPs are counted at: model "
+                f"{model.name!r} leaves it unknown ({[tuple(t.shape[1:]) for t in inputs]}) "
+                f"and the training data did too (batch shapes {shapes}). Pass "
+                "`TaylorPruning(..., input_shape=(H, W, C))`."
+            )
+        given = [tuple(s[1:]) for s in shapes]
+        sized = graph_lib.analyze(model, on_unknown="freeze", input_shape=given if len(given) > 1 else given[0])
+        if sized.num_groups != self._graph.num_groups or len(sized.comp_of) != len(self._graph.comp_of):
+            raise ValueError(f"Model {model.name!r} has other channel groups at input size {given}.")
+        self._init_costs(sized)
+        logger.info("keras_taylor: FLOPs and params of %r counted at input size %s (the first training batch)", model.name, self.input_shapes)
+        self.done = self._fraction(self._graph.alive_ids(self.removed)) <= self.target
+
     def _load_state(self) -> None:
         """Reads the pruning state the gated model carries (one host read).
 
@@ -309,12 +357,15 @@ class TaylorPruning(keras.callbacks.Callback):
         self._last_event = int(counters["last_event"])
         self.ema = self._scorer.read_ema()
         self._ema_started = np.full(graph.num_groups, counters["events"] > 0)
-        frac = self._measure(graph.alive_ids(self.removed))
-        self._loaded_fractions = {  # what the progress bar shows before this run's first step
-            "kt_flops": frac["flops"] / self._base["flops"] if self._base["flops"] else 1.0,
-            "kt_params": frac["params"] / self._base["params"] if self._base["params"] else 1.0,
-        }
-        self.done = self._fraction(graph.alive_ids(self.removed)) <= self.target
+        self._loaded_fractions = {"kt_flops": 1.0, "kt_params": 1.0}
+        self.done = False
+        if self._cost is not None:  # sizes known (else: at the first batch)
+            frac = self._measure(graph.alive_ids(self.removed))
+            self._loaded_fractions = {  # what the progress bar shows before this run's first step
+                "kt_flops": frac["flops"] / self._base["flops"] if self._base["flops"] else 1.0,
+                "kt_params": frac["params"] / self._base["params"] if self._base["params"] else 1.0,
+            }
+            self.done = self._fraction(graph.alive_ids(self.removed)) <= self.target
 
     @staticmethod
     def _group_layer_counts(graph) -> list:
@@ -361,6 +412,10 @@ class TaylorPruning(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         self._step = self._epoch_base + int(batch) + 1
+        if self._cost is None:
+            self._size_from_data()
+            if self.done:
+                self._uninstall()
         if (
             not self.done
             and self._step >= self.start_step

@@ -36,6 +36,8 @@ class Profile:
     """FLOPs and params of a model, per layer and in total."""
 
     layers: list = field(default_factory=list)
+    #: Input shape(s) without the batch axis the counts are for.
+    input_shapes: list = field(default_factory=list)
 
     @property
     def flops(self) -> int:
@@ -52,6 +54,9 @@ class Profile:
         """A plain-text table, one row per layer with a cost, then the total."""
         rows = [(l.name, l.class_name, f"{l.flops:,}", f"{l.params:,}") for l in self.layers if l.flops or l.params]
         rows.append(("total", "", f"{self.flops:,}", f"{self.params:,}"))
+        if self.input_shapes:
+            size = ", ".join(str(tuple(s)) for s in self.input_shapes)
+            rows.append((f"(input {size})", "", "", ""))
         head = ("layer", "class", "FLOPs (MACs)", "params")
         widths = [max(len(r[i]) for r in rows + [head]) for i in range(4)]
         fmt = lambda r: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
@@ -78,8 +83,7 @@ class CostModel:
                 continue
             in_ids = node.in_maps[0] if node.in_maps else None
             out_ids = node.out_maps[0]
-            macs = node.handler.macs(inner, node.in_shapes, node.out_shapes)
-            params = node.handler.params(inner, node.in_shapes, node.out_shapes) if first else None
+            macs, params = _costs(graph, node, first)
             self._terms.append((node.name, type(inner).__name__, in_ids, out_ids, macs, params, 0))
 
     def profile(self, alive: np.ndarray | None = None) -> Profile:
@@ -112,6 +116,40 @@ class CostModel:
         return flops, params
 
 
+def _dynamic(shapes) -> bool:
+    return any(d is None for s in shapes for d in tuple(s)[1:])
+
+
+def _costs(graph, node, first: bool) -> tuple:
+    """`(macs, params)` Costs of one call; a clear error when they depend on
+    a size the model leaves unknown."""
+    try:
+        macs = node.handler.macs(node.inner, node.in_shapes, node.out_shapes)
+        params = node.handler.params(node.inner, node.in_shapes, node.out_shapes) if first else None
+    except TypeError as e:
+        if not _dynamic(node.in_shapes + node.out_shapes):
+            raise
+        raise ValueError(
+            f"Cannot count the FLOPs of layer {node.name!r} ({type(node.inner).__name__}) "
+            f"of model {graph.model_name!r}: they depend on its spatial size, which "
+            f"the model leaves unknown (input shape(s) {graph.input_shapes}, output "
+            f"{node.out_shapes[0]}). Give the size the counts are for: "
+            "`keras_taylor.profile(model, input_shape=(224, 224, 3))` or "
+            "`TaylorPruning(..., input_shape=(224, 224, 3))` (without it, "
+            "TaylorPruning takes the size of the first training batch)."
+        ) from e
+    for cost in (macs, params):
+        if cost is not None and not all(np.isfinite([cost.a, cost.b, cost.c, cost.d])):
+            raise ValueError(f"Handler for layer {node.name!r} returned a non-finite cost {cost}.")
+    return macs, params
+
+
+def is_dynamic(graph: graph_lib.ChannelGraph) -> bool:
+    """True if some tensor of `graph` has an unknown non-batch size (the model
+    was read without `input_shape` and leaves H/W as `None`)."""
+    return any(_dynamic(n.in_shapes + n.out_shapes) for n in graph.nodes)
+
+
 def removed_groups_from_gates(model: keras.Model, graph: graph_lib.ChannelGraph) -> set:
     """Groups whose gates are all 0 in a gated model."""
     from keras_taylor.gates import gate_values
@@ -142,6 +180,8 @@ def run_shortfall(model: keras.Model, graph: graph_lib.ChannelGraph) -> str | No
     run = recorded_run(model)
     if run is None:
         return None
+    if run["metric"] == "flops" and is_dynamic(graph):
+        return None  # FLOPs need an input size the gates do not record; not checked
     cost = CostModel(graph)
     base = metric_values(cost, graph.alive_ids(()))[run["metric"]]
     now = metric_values(cost, graph.alive_ids(removed_groups_from_gates(model, graph)))[run["metric"]]
@@ -155,18 +195,30 @@ def run_shortfall(model: keras.Model, graph: graph_lib.ChannelGraph) -> str | No
     )
 
 
-def profile(model: keras.Model) -> Profile:
+def profile(model: keras.Model, input_shape=None) -> Profile:
     """Counts FLOPs (MACs) and params of every layer of `model`.
 
     Args:
         model: a Functional or Sequential model, gated or not. Layers without
             a handler are counted with their full params and 0 FLOPs.
+        input_shape: the input size to count FLOPs at, without the batch axis
+            (`(224, 224, 3)`; a list of shapes for several inputs). Needed when
+            the model's input leaves height/width unknown
+            (`keras.Input((None, None, 3))`, KerasHub's default): FLOPs depend
+            on the size. Defaults to `None` (the model's own input shape).
 
     Returns:
         A `Profile`; `profile(m).params == m.count_params()` for an ungated
-        model.
+        model. `Profile.input_shapes` says which size the FLOPs are for.
+
+    Raises:
+        ValueError: if the FLOPs depend on a size the model leaves unknown and
+            `input_shape` is not given, or `input_shape` does not fit the
+            model's inputs.
     """
-    graph = graph_lib.analyze(model, on_unknown="freeze")
+    graph = graph_lib.analyze(model, on_unknown="freeze", input_shape=input_shape)
     cost = CostModel(graph)
     alive = graph.alive_ids(removed_groups_from_gates(model, graph))
-    return cost.profile(alive)
+    result = cost.profile(alive)
+    result.input_shapes = [tuple(s) for s in graph.input_shapes]
+    return result

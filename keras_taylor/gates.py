@@ -30,7 +30,7 @@ from keras import ops
 
 from keras_taylor import _compat
 from keras_taylor import graph as graph_lib
-from keras_taylor import nesting
+from keras_taylor import nesting, tracing
 
 _MODES = ("params", "output")
 
@@ -210,21 +210,8 @@ def gate_layers(model: keras.Model) -> list:
     return [l for l in model.layers if isinstance(l, ChannelGate)]
 
 
-def layer_from_config(cls, config):
-    """`cls.from_config(config)` for a config taken from a live layer.
-
-    A `Lambda` holding a Python lambda refuses `from_config` in Keras's safe
-    mode, which guards against loading code from untrusted files. Here the
-    config comes from a layer the user already holds in memory, so nothing is
-    loaded and the copy is made with `safe_mode=False`.
-    """
-    if issubclass(cls, keras.layers.Lambda):
-        return cls.from_config(config, safe_mode=False)
-    return cls.from_config(config)
-
-
 def _clone_layer(layer):
-    return layer_from_config(layer.__class__, layer.get_config())
+    return nesting.copy_layer(layer)[0]
 
 
 def _nothing_prunable(model, graph) -> ValueError:
@@ -288,7 +275,8 @@ def clone_with(model: keras.Model, clone_function) -> keras.Model:
 
 def _copy_weights(pairs) -> None:
     for src, dst in pairs:
-        dst.set_weights(src.get_weights())
+        if dst is not src:  # a layer reused as is (see nesting.copy_layer)
+            dst.set_weights(src.get_weights())
 
 
 def add_gates(model: keras.Model, on_unknown: str = "error") -> keras.Model:
@@ -317,7 +305,7 @@ def add_gates(model: keras.Model, on_unknown: str = "error") -> keras.Model:
             "Expected a model without gates. Received: model="
             f"{model.name!r}, which already holds ChannelGate layers."
         )
-    model = nesting.inline_nested_models(model)  # the gated copy is flat
+    model = tracing.inline_composite_layers(model)  # the gated copy is flat and composites traced
     graph = graph_lib.analyze(model, on_unknown=on_unknown)
     if graph.num_groups == 0:
         raise _nothing_prunable(model, graph)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import keras
 import numpy as np
 
-from keras_taylor import _compat, nesting
+from keras_taylor import _compat, nesting, tracing
 from keras_taylor.handlers import AnalysisContext, LayerHandler, get_handler
 
 _ON_UNKNOWN = ("error", "freeze")
@@ -227,6 +227,7 @@ class ChannelGraph:
     num_groups: int
     gate_sites: list
     unknown_layers: list = field(default_factory=list)
+    input_shapes: list = field(default_factory=list)  # per model input, without batch: the size costs are for
 
     # ---- lookups -------------------------------------------------------
     def first_node(self, layer_name: str) -> NodeInfo:
@@ -309,7 +310,41 @@ def _refuse_quantized(model) -> None:
         )
 
 
-def analyze(model: keras.Model, on_unknown: str = "error") -> ChannelGraph:
+def _input_shape_list(model, inputs, input_shape) -> list | None:
+    """Validates `input_shape` (one input: a shape without the batch axis, as
+    `keras.Input(shape=...)`; several: a list of them) against the model's
+    inputs; returns full shapes (batch axis included) or `None`."""
+    if input_shape is None:
+        return None
+    nested = isinstance(input_shape, (list, tuple)) and len(input_shape) > 0 and all(
+        isinstance(s, (list, tuple)) for s in input_shape
+    )
+    shapes = list(input_shape) if nested else [input_shape]
+    if not isinstance(input_shape, (list, tuple)) or len(shapes) != len(inputs):
+        raise ValueError(
+            f"Expected input_shape to be one shape without the batch axis per "
+            f"input of model {model.name!r} ({len(inputs)} input(s): "
+            f"{[tuple(t.shape[1:]) for t in inputs]}). Received: input_shape={input_shape!r}"
+        )
+    full = []
+    for t, s in zip(inputs, shapes):
+        ref = tuple(t.shape)
+        ok = len(s) == len(ref) - 1 and all(
+            isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d > 0 and (r is None or r == d)
+            for d, r in zip(s, ref[1:])
+        )
+        if not ok:
+            raise ValueError(
+                f"Expected input_shape {tuple(s)!r} to give a positive size for every "
+                f"axis of input {t.name!r} of model {model.name!r} (shape {ref[1:]}, "
+                f"without the batch axis), and to match its known sizes. "
+                f"Received: input_shape={input_shape!r}"
+            )
+        full.append((ref[0] if ref[0] is not None else 1, *(int(d) for d in s)))
+    return full
+
+
+def analyze(model: keras.Model, on_unknown: str = "error", input_shape=None) -> ChannelGraph:
     """Reads a Functional or Sequential model into its channel groups.
 
     Args:
@@ -319,9 +354,16 @@ def analyze(model: keras.Model, on_unknown: str = "error") -> ChannelGraph:
         on_unknown: what to do with a layer that has no handler while channels
             that could otherwise be pruned flow into it: `"error"` raises,
             `"freeze"` keeps those channels. Defaults to `"error"`.
+        input_shape: the size to read the model at, for a model whose input
+            leaves spatial sizes unknown (`keras.Input((None, None, 3))`):
+            one shape without the batch axis (`(224, 224, 3)`), or a list of
+            them for several inputs. Only costs (`CostModel`, `profile`)
+            depend on it; channel groups do not. Defaults to `None` (the
+            model's own input shapes).
 
     Returns:
-        A `ChannelGraph`.
+        A `ChannelGraph`; `graph.input_shapes` holds the input shapes (without
+        the batch axis) its tensor shapes are for.
 
     Raises:
         ValueError: for a subclassed model, a quantized model (prune first,
@@ -331,13 +373,16 @@ def analyze(model: keras.Model, on_unknown: str = "error") -> ChannelGraph:
     """
     if on_unknown not in _ON_UNKNOWN:
         raise ValueError(f"Expected on_unknown in {_ON_UNKNOWN}. Received: on_unknown={on_unknown!r}")
-    model = nesting.inline_nested_models(model)  # analyse sub-models' layers in place
+    model = tracing.inline_composite_layers(model)  # analyse sub-models' layers in place and composites traced
     _refuse_quantized(model)
     uf = _UnionFind()
     maps: dict = {}  # id(KerasTensor) -> channel map
     axes: dict = {}  # id(KerasTensor) -> channel axis (None: one channel)
     consumers: dict = {}  # id(KerasTensor) -> [layer names]
     inputs, outputs = _compat.graph_inputs_outputs(model)
+    full_shapes = _input_shape_list(model, inputs, input_shape)
+    sizes = _compat.concrete_shapes(model, full_shapes) if full_shapes is not None else {}
+    shape_of = lambda t: sizes.get(id(t)) or _shape(t)
     calls = list(_compat.nodes_in_order(model))
     input_axes = _input_axes(inputs, calls)
     for t in inputs:
@@ -354,8 +399,8 @@ def analyze(model: keras.Model, on_unknown: str = "error") -> ChannelGraph:
         handler = get_handler(inner)
         in_maps = [maps[id(t)] for t in in_tensors]
         in_axes = [axes[id(t)] for t in in_tensors]
-        real_in = [_shape(t) for t in in_tensors]
-        real_out = [_shape(t) for t in out_tensors]
+        real_in = [shape_of(t) for t in in_tensors]
+        real_out = [shape_of(t) for t in out_tensors]
         for t in in_tensors:
             consumers.setdefault(id(t), []).append(layer.name)
         if handler is None:
@@ -444,6 +489,7 @@ def analyze(model: keras.Model, on_unknown: str = "error") -> ChannelGraph:
         num_groups=0,
         gate_sites=[],
         unknown_layers=[l.name for l, _ in unknown],
+        input_shapes=[shape_of(t)[1:] for t in inputs],
     )
     _number_groups(graph, len(uniq))
     # Gates go where a removed channel could otherwise become non-zero; with

@@ -684,6 +684,118 @@ class ChannelScaleHandler(LayerHandler):
         return Cost(b=1.0)
 
 
+def _channel_axis(ctx, rank: int) -> int | None:
+    axes = getattr(ctx, "in_axes", None) or []
+    return axes[0] if axes else rank - 1
+
+
+def _zero_constant(value) -> bool:
+    if value is None:
+        return True
+    try:
+        return bool(np.all(np.asarray(value, dtype="float64") == 0.0))
+    except (TypeError, ValueError):
+        return False
+
+
+class PadOpHandler(LayerHandler):
+    """`keras.ops.pad` node (ResNet v2's -inf spatial padding).
+
+    Padding other axes keeps each channel's id; padding the channel axis adds
+    new channels (fixed, and the padded tensor's channels with them, since
+    the op's `pad_width` would not change with pruning). A zero channel stays
+    zero only with `mode="constant"` and a zero `constant_values`.
+    """
+
+    def _widths(self, layer, rank):
+        pw = [tuple(int(v) for v in p) for p in layer.pad_width]
+        return pw * rank if len(pw) == 1 else pw
+
+    def propagate(self, layer, in_maps, in_shapes, out_shapes, ctx):
+        rank = len(in_shapes[0])
+        axis = _channel_axis(ctx, rank)
+        if axis is None:
+            return [in_maps[0]]
+        before, after = self._widths(layer, rank)[axis]
+        if before == 0 and after == 0:
+            return [in_maps[0]]
+        out = np.concatenate([ctx.new_ids(before), in_maps[0], ctx.new_ids(after)])
+        ctx.fix(out, f"{layer.name!r} (ops.pad) pads the channel axis")
+        return [out]
+
+    def lifts_zero(self, layer, in_shapes):
+        if getattr(layer, "mode", "constant") != "constant":
+            return f"{layer.name!r} (ops.pad) pads with mode={layer.mode!r}"
+        value = _compat.recorded_call_kwargs(layer).get("constant_values")
+        if not _zero_constant(value):
+            return f"{layer.name!r} (ops.pad) pads with constant_values={value!r}"
+        return None
+
+
+class SplitOpHandler(LayerHandler):
+    """`keras.ops.split` node (CSPNet's cross-stage split).
+
+    Along another axis every part keeps the channel ids. Along the channel
+    axis into `N` equal sections, channel `j` of every section is tied to
+    channel `j` of the others, so the sections stay equal and the same
+    `split(x, N)` still applies after pruning. A split at explicit indices
+    fixes the channels (its indices would not follow the pruning).
+    """
+
+    def propagate(self, layer, in_maps, in_shapes, out_shapes, ctx):
+        rank = len(in_shapes[0])
+        axis = _channel_axis(ctx, rank)
+        if axis is None or layer.axis % rank != axis:
+            return [in_maps[0] for _ in out_shapes]
+        sizes = [s[-1] for s in out_shapes]
+        cuts = np.cumsum([0, *sizes])
+        parts = [in_maps[0][cuts[i] : cuts[i + 1]] for i in range(len(sizes))]
+        if isinstance(layer.indices_or_sections, int) and len(set(sizes)) == 1:
+            for part in parts[1:]:
+                ctx.tie(parts[0], part)
+        else:
+            ctx.fix(in_maps[0], f"{layer.name!r} (ops.split) splits channels at fixed indices {layer.indices_or_sections}")
+        return parts
+
+
+class ReduceOpHandler(LayerHandler):
+    """`keras.ops.mean/sum/max/min` node over positions (squeeze-excite's
+    `ops.mean(x, axis=(1, 2), keepdims=True)`): channels pass through, and a
+    zero channel reduces to zero. A reduction over the channel axis (or all
+    axes) fixes the channels."""
+
+    def propagate(self, layer, in_maps, in_shapes, out_shapes, ctx):
+        rank = len(in_shapes[0])
+        axis = _channel_axis(ctx, rank)
+        axes = layer.axis
+        if axes is None:
+            reduced = set(range(rank))
+        else:
+            reduced = {int(a) % rank for a in (axes if isinstance(axes, (list, tuple)) else [axes])}
+        if axis is None or axis in reduced or 0 in reduced:
+            ctx.fix(in_maps[0], f"{layer.name!r} ({type(layer).__name__}) reduces over the channel or batch axis")
+            out = out_shapes[0]
+            n = out[-1] if len(out) > 1 else 1
+            if n != len(in_maps[0]):
+                ids = ctx.new_ids(n)
+                ctx.fix(ids, f"comes out of {layer.name!r}, which reduces over channels")
+                return [ids]
+        return [in_maps[0]]
+
+    def out_axes(self, layer, in_axes, in_shapes, out_shapes):
+        axis, rank = in_axes[0], len(in_shapes[0])
+        if axis is None or getattr(layer, "keepdims", False):
+            return None
+        axes = layer.axis
+        if axes is None:
+            return [None]
+        reduced = {int(a) % rank for a in (axes if isinstance(axes, (list, tuple)) else [axes])}
+        if axis in reduced:
+            return None
+        out = axis - sum(1 for a in reduced if a < axis)
+        return [out if len(out_shapes[0]) > 1 else None]
+
+
 # --------------------------------------------------------------------------
 # Registry.
 # --------------------------------------------------------------------------
@@ -768,6 +880,10 @@ register_handler(L.PReLU, PReLUHandler())
 for _kind, _classes in _compat.op_classes().items():
     for _cls in _classes:
         register_handler(_cls, OpHandler(_kind))
+_structural = _compat.structural_op_classes()
+for _handler, _key in ((PadOpHandler(), "pad"), (SplitOpHandler(), "split"), (ReduceOpHandler(), "reduce")):
+    for _cls in _structural[_key]:
+        register_handler(_cls, _handler)
 _apps = _compat.application_layers()
 if "LayerScale" in _apps:
     register_handler(_apps["LayerScale"], ChannelScaleHandler())

@@ -47,6 +47,62 @@ from keras_taylor import _compat
 _SUBMODEL_CALL_ARGS = ("inputs", "training", "mask")
 
 
+_LAYER_KWARGS = frozenset({"name", "trainable", "dtype", "autocast", "input_dim", "input_shape", "batch_input_shape", "batch_size", "weights", "activity_regularizer"})
+
+
+def rebuild_layer(layer, config: dict | None = None):
+    """A new layer of the class of `layer` from `config` (its own by default).
+
+    Some library layers' `get_config` lists values their `__init__` does not
+    take (KerasHub's `ViTPatchingAndEmbedding`: `num_patches`): then the
+    config is retried without the keys the class's `__init__` does not
+    accept. Raises the first error when that does not help either.
+    """
+    config = dict(layer.get_config() if config is None else config)
+    if isinstance(layer, keras.layers.Lambda):
+        # Keras's safe mode refuses a Lambda's Python code when *loading*
+        # files; this config comes from a live layer the user holds, so
+        # nothing is loaded.
+        return layer.__class__.from_config(config, safe_mode=False)
+    try:
+        return layer.__class__.from_config(config)
+    except Exception as first:  # noqa: BLE001 - retried below, re-raised if it fails too
+        try:
+            params = inspect.signature(layer.__class__.__init__).parameters
+        except (TypeError, ValueError):
+            raise first from None
+        named = {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        trimmed = {k: v for k, v in config.items() if k in named or k in _LAYER_KWARGS}
+        if trimmed == config:
+            raise first from None
+        try:
+            return layer.__class__.from_config(trimmed)
+        except Exception:  # noqa: BLE001
+            raise first from None
+
+
+def copy_layer(layer, config: dict | None = None):
+    """`(new_layer, copied)`: a copy of `layer` built from its config, or
+    `layer` itself (with a warning) when no config rebuilds it.
+
+    Used for layers whose channels do not change (add_gates, surgery,
+    inlining): such a layer need not be re-created, so one whose config is
+    broken is reused as is (its weights are then shared with the source
+    model) instead of failing the whole model.
+    """
+    try:
+        return rebuild_layer(layer, config), True
+    except Exception as e:  # noqa: BLE001 - reported, the layer is reused
+        warnings.warn(
+            f"Layer {layer.name!r} of class {type(layer).__name__} cannot be "
+            f"rebuilt from its config ({type(e).__name__}: {str(e)[:200]}); it "
+            "is reused as is (its channels do not change), so the new model "
+            "shares its weights with the source model.",
+            stacklevel=3,
+        )
+        return layer, False
+
+
 def _graph_operations(model) -> list:
     """Distinct layers/ops called in the graph of `model`, in topological
     order, without `InputLayer`s."""
@@ -148,17 +204,18 @@ class _Inliner:
             try:
                 config = op.get_config()
                 config["name"] = name
-                if isinstance(op, keras.layers.Lambda):  # a live layer: nothing is loaded
-                    new = op.__class__.from_config(config, safe_mode=False)
-                else:
-                    new = op.__class__.from_config(config)
+                new = rebuild_layer(op, config)
             except Exception as e:
-                raise ValueError(
-                    f"Cannot copy layer {op.name!r} of class {type(op).__name__} "
-                    f"from its config ({type(e).__name__}: {e}). Give the layer "
-                    "a `get_config()` that `from_config` accepts."
-                ) from e
-            self.pairs.append((op, new))
+                if name != op.name:
+                    raise ValueError(
+                        f"Cannot copy layer {op.name!r} of class {type(op).__name__} "
+                        f"from its config ({type(e).__name__}: {e}), and its name "
+                        f"clashes in the inlined model. Give the layer a "
+                        "`get_config()` that `from_config` accepts."
+                    ) from e
+                new, _ = copy_layer(op)
+            if new is not op:
+                self.pairs.append((op, new))
         else:
             # A stateless `keras.ops` operation (`x + 3.0`).
             try:

@@ -364,6 +364,9 @@ class TaylorScorer:
         """The Keras TensorFlow `train_step`, plus gate gradients and scoring."""
         model = self.model
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        # Static batch shapes, recorded when traced: the input size
+        # `TaylorPruning` counts FLOPs at when the model leaves it unknown.
+        self.data_shapes = [tuple(t.shape) for t in tf.nest.flatten(x) if t is not None]
         gate_vars = [l.gate.value for l in self.gates]
         # Criteria that read activations keep the gate outputs of this forward
         # pass; their gradients come from the same tape.

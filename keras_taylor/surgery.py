@@ -16,7 +16,7 @@ import numpy as np
 
 from keras_taylor import gates as gates_lib
 from keras_taylor import graph as graph_lib
-from keras_taylor import nesting
+from keras_taylor import nesting, tracing
 from keras_taylor.flops import removed_groups_from_gates, run_shortfall
 from keras_taylor.plan import PruningPlan
 
@@ -41,7 +41,7 @@ def apply_plan(model: keras.Model, plan: PruningPlan, on_unknown: str = "error")
     if not isinstance(plan, PruningPlan):
         raise TypeError(f"Expected a keras_taylor.PruningPlan. Received: plan={plan!r}")
     # Analyse (and validate the plan) before building anything.
-    model = nesting.inline_nested_models(model)  # the pruned model is flat
+    model = tracing.inline_composite_layers(model)  # the pruned model is flat and composites traced
     graph = graph_lib.analyze(model, on_unknown=on_unknown)
     removed = plan.removed_groups(graph)
     alive = graph.alive_ids(removed)
@@ -69,12 +69,31 @@ def apply_plan(model: keras.Model, plan: PruningPlan, on_unknown: str = "error")
     pending = []
 
     def clone(layer):
-        config = layer.get_config()
         weights = layer.get_weights()
         handler = graph_lib.get_handler(layer)
         if handler is not None and layer.name in kept:
-            config, weights = handler.slice_with_layout(layer, config, weights, *kept[layer.name])
-        new = gates_lib.layer_from_config(layer.__class__, config)
+            try:
+                config = layer.get_config()
+            except Exception:  # noqa: BLE001 - a layer without a config: see below
+                config = None
+            if config is None:  # kept as is if slicing leaves it alone (Identity)
+                sliced, new_weights = handler.slice_with_layout(layer, {}, weights, *kept[layer.name])
+                if sliced or any(a.shape != b.shape for a, b in zip(new_weights, weights)):
+                    raise ValueError(
+                        f"Cannot rebuild layer {layer.name!r} of class {type(layer).__name__} "
+                        "with fewer channels: its `get_config()` fails. Give it a "
+                        "`get_config()` that `from_config` accepts."
+                    )
+                new, copied = nesting.copy_layer(layer)
+                if not copied:
+                    return new
+            else:
+                config, weights = handler.slice_with_layout(layer, config, weights, *kept[layer.name])
+                new = nesting.rebuild_layer(layer, config)
+        else:  # channels unchanged: reused when its config cannot rebuild it
+            new, copied = nesting.copy_layer(layer)
+            if not copied:
+                return new
         pending.append((new, weights))
         return new
 

@@ -1,0 +1,257 @@
+"""Composite layers: see inside subclassed layers by symbolic tracing.
+
+A subclassed layer whose `call` is built from sublayers and `keras.ops`
+(KerasHub's `InvertedResidualBlock`, `FusedMBConvBlock`, `FeaturePyramid`,
+`SpatialPyramidPooling`, a user's `ResBlock`) hides its convolutions from the
+channel analysis. `inline_composite_layers` returns an equivalent Functional
+model in which each such layer, recursively, is replaced by the nodes its
+`call` records when run on KerasTensors: every sublayer call and every
+`keras.ops` operation becomes a node of the outer graph, exactly as
+`keras_taylor.nesting.inline_nested_models` does for nested models, so
+`analyze`, `add_gates` and `apply_plan` see every Conv and BN inside.
+
+How:
+
+* The graph is replayed node by node (`_compat.run_graph`). A node whose layer
+  has no registered handler, owns no weights of its own (all its variables
+  belong to sublayers) and has sublayers is *traced*: a copy of the layer
+  (rebuilt from its config, built by one symbolic call, weights copied) runs
+  its `call` directly, not through `__call__`, so its sublayers' calls and the
+  ops are recorded as nodes. Each traced call is checked once against
+  the layer on random inputs, which catches a `call` whose graph depends on
+  run-time values (a `Resizing(ops.shape(x)[1], ...)` made inside `call`). The recorded call arguments go along unchanged:
+  `training=` reaches the sublayers the way the layer's own `call` passes it.
+* Every other layer is copied from its config with its weights (reused as is
+  when its config cannot rebuild it; `nesting.copy_layer`), so the user's
+  model and layers get no new nodes and keep their own weights.
+* One copy per original layer: a composite called twice traces twice on the
+  same copy, so its sublayers are shared between the calls (weights tied), as
+  are sublayers a layer calls twice.
+* Nested composites are traced in turn, until none is left (or `max_depth`).
+* A handler registered for the layer's class (`register_handler`) wins: such
+  a layer is never traced, so a user can still say how their layer prunes.
+* Where tracing is impossible (Python control flow on tensor values,
+  backend-specific ops, a layer that holds its own variables, a config that
+  cannot rebuild the layer), the layer stays one fixed unit, as
+  `on_unknown="freeze"` treats it, and a warning names it and says why.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import keras
+import numpy as np
+
+from keras_taylor import _compat, nesting
+from keras_taylor.handlers import get_handler
+
+
+def _sublayers(layer) -> list:
+    return list(layer._flatten_layers(include_self=False, recursive=True))
+
+
+def untraceable_reason(layer) -> str | None:
+    """Why `layer` is not traced (`None`: it is a composite that can be).
+
+    Layers with a handler, models (see `nesting`), and layers without
+    sublayers are not composites.
+    """
+    if isinstance(layer, keras.Model) or get_handler(layer) is not None:
+        return "it is not a composite layer"
+    subs = _sublayers(layer)
+    if not subs:
+        return "it has no sublayers"
+    owned = {id(v) for s in subs for v in s.weights}
+    own = [v.path if hasattr(v, "path") else v.name for v in layer.weights if id(v) not in owned]
+    if own:
+        return f"it holds variables of its own ({own[:3]}), which a traced graph cannot own"
+    return None
+
+
+def _is_candidate(op) -> bool:
+    return isinstance(op, keras.layers.Layer) and not isinstance(op, keras.layers.InputLayer) and untraceable_reason(op) is None
+
+
+class _Tracer:
+    def __init__(self, warn: bool):
+        self.copies = {}  # id(original) -> copy (or the original, reused)
+        self.pairs = []  # (original, copy) whose weights to copy
+        self.traced = []  # names of the layers traced
+        self.failed = {}  # name -> reason
+        self.warn = warn
+        self.verified = set()
+        self.on_originals = False  # traced on the user's layer (config cannot rebuild it)
+
+    def copy(self, op):
+        key = id(op)
+        if key not in self.copies:
+            if isinstance(op, keras.layers.Layer):
+                new, copied = nesting.copy_layer(op)
+                if copied:
+                    self.pairs.append((op, new))
+            else:  # a stateless keras.ops operation
+                try:
+                    new = op.__class__.from_config(op.get_config())
+                except Exception:  # noqa: BLE001 - stateless: reusing it is harmless
+                    new = op
+            self.copies[key] = new
+        return self.copies[key]
+
+    def _fail(self, op, reason: str) -> None:
+        if op.name not in self.failed:
+            self.failed[op.name] = reason
+            if self.warn:
+                warnings.warn(
+                    f"Cannot trace layer {op.name!r} of class {type(op).__name__} "
+                    f"({reason}); it is kept as one fixed unit: channels flowing "
+                    "into it are not pruned (on_unknown='freeze' semantics). "
+                    "Register a handler for its class to prune through it.",
+                    stacklevel=4,
+                )
+
+    def _traceable_copy(self, op, args, kwargs):
+        """A built copy of composite `op` holding its weights; `op` itself
+        when its config cannot rebuild it (its sublayers are then copied by a
+        later pass); `None` when it cannot be built either."""
+        key = id(op)
+        if key in self.copies:
+            return self.copies[key]
+        try:
+            new = nesting.rebuild_layer(op)
+        except Exception as e:  # noqa: BLE001 - reported, the layer stays a unit
+            self._fail(op, f"its config does not rebuild it: {type(e).__name__}: {str(e).strip()[:160]}")
+            return None
+        try:
+            new(*args, **kwargs)  # builds the copy's sublayers (throwaway node)
+            new.set_weights(op.get_weights())
+            for sub in _sublayers(new):  # unique names in the flat model
+                if not sub.name.startswith(op.name):
+                    sub.name = f"{op.name}_{sub.name}"
+        except Exception as e:  # noqa: BLE001
+            self._fail(op, f"its copy does not build or take its weights: {type(e).__name__}: {str(e)[:160]}")
+            return None
+        self.copies[key] = new
+        return new
+
+    def _verify(self, op, new, args, kwargs) -> None:
+        """Raises unless the traced `call` of `new` computes what `op` does,
+        on random inputs (unknown sizes set to 8): catches calls whose graph
+        depends on run-time values (a layer made in `call` from
+        `ops.shape(x)`)."""
+        for size in (8, 11):
+            self._verify_at(op, new, args, kwargs, size)
+
+    def _verify_at(self, op, new, args, kwargs, size) -> None:
+        fresh, real = {}, {}
+        rng = np.random.default_rng(0)
+
+        def symbolic(t):
+            if not isinstance(t, keras.KerasTensor):
+                return t
+            if id(t) not in fresh:
+                fresh[id(t)] = keras.Input(batch_shape=t.shape, dtype=t.dtype)
+                shape = tuple(2 if i == 0 and d is None else (size if d is None else d) for i, d in enumerate(t.shape))
+                real[id(t)] = rng.normal(size=shape).astype(t.dtype) if "float" in str(t.dtype) else np.zeros(shape, t.dtype)
+            return fresh[id(t)]
+
+        sym_args, sym_kwargs = keras.tree.map_structure(symbolic, (list(args), dict(kwargs)))
+        out = new.call(*sym_args, **sym_kwargs)
+        sub = keras.Model(list(fresh.values()), out)
+        concrete = lambda t: real[id(t)] if isinstance(t, keras.KerasTensor) else t
+        c_args, c_kwargs = keras.tree.map_structure(concrete, (list(args), dict(kwargs)))
+        want = keras.tree.flatten(op(*c_args, **c_kwargs))
+        got = keras.tree.flatten(sub([real[k] for k in fresh]))
+        for a, b in zip(want, got):
+            a, b = keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b)
+            scale = max(float(np.max(np.abs(a))), 1e-6)
+            if a.shape != b.shape or not float(np.max(np.abs(a - b))) <= 1e-4 * scale:
+                raise ValueError("its traced graph does not compute what its call does (it depends on run-time values)")
+
+    def call(self, op, *args, **kwargs):
+        if _is_candidate(op) and op.name not in self.failed:
+            new = self._traceable_copy(op, args, kwargs)
+            if new is not None:
+                try:
+                    if id(op) not in self.verified:
+                        self._verify(op, new, args, kwargs)
+                        self.verified.add(id(op))
+                    out = new.call(*args, **kwargs)
+                    for t in keras.tree.flatten(out):
+                        if not isinstance(t, keras.KerasTensor) or getattr(t, "_keras_history", None) is None:
+                            raise ValueError(f"its call returned {type(t).__name__}, not a symbolic tensor")
+                except Exception as e:  # noqa: BLE001 - reported, the layer stays a unit
+                    self._fail(op, f"its call cannot be traced: {type(e).__name__}: {str(e)[:160]}")
+                    self.copies.pop(id(op), None)
+                else:
+                    if op.name not in self.traced:
+                        self.traced.append(op.name)
+                    return out
+        return self.copy(op)(*args, **kwargs)
+
+
+def has_composite_layers(model) -> bool:
+    """True if a layer of the graph of `model` can be traced."""
+    try:
+        return any(_is_candidate(op) for op, _, _ in _compat.nodes_in_order(model))
+    except ValueError:
+        return False
+
+
+def _trace_once(model, warn: bool, failed: dict):
+    fn = _compat.functional_of(model)
+    inputs = keras.tree.map_structure(
+        lambda x: keras.Input(batch_shape=x.shape, dtype=x.dtype, sparse=x.sparse, name=x.name),
+        fn.input,
+    )
+    tracer = _Tracer(warn)
+    tracer.failed = failed
+    outputs = _compat.run_graph(fn, keras.tree.flatten(inputs), tracer.call)
+    flat = keras.Model(inputs, outputs, name=model.name)
+    for src, dst in tracer.pairs:
+        dst.set_weights(src.get_weights())
+    return flat, tracer.traced, tracer.on_originals
+
+
+def inline_composite_layers(model: keras.Model, max_depth: int = 8, warn: bool = True) -> keras.Model:
+    """Returns `model` with every traceable composite layer inlined.
+
+    Args:
+        model: a built Functional or Sequential model. Nested models are
+            inlined first (`inline_nested_models`).
+        max_depth: how many levels of composites inside composites to open.
+            Defaults to `8`.
+        warn: warn for each composite that cannot be traced (it stays a
+            fixed unit). Defaults to `True`.
+
+    Returns:
+        `model` itself when it holds no traceable composite (nested models
+        inlined). Otherwise a new Functional model (same name, inputs and
+        outputs) computing the same function, whose layers are copies of the
+        original layers and of the composites' sublayers (weights copied). A
+        plain `keras.Model`, whatever the class of `model` (a KerasHub
+        `Backbone` comes back as a Functional model). The user's model and
+        layers are not modified.
+
+    Raises:
+        ValueError: for a subclassed model, or `max_depth` < 1.
+    """
+    if isinstance(max_depth, bool) or not isinstance(max_depth, int) or max_depth < 1:
+        raise ValueError(f"Expected max_depth to be an integer >= 1. Received: max_depth={max_depth!r}")
+    model = nesting.inline_nested_models(model)
+    failed: dict = {}
+    result = model
+    shared = False  # the result still holds sublayers of the user's layers
+    for _ in range(max_depth):
+        if not any(_is_candidate(op) and op.name not in failed for op, _, _ in _compat.nodes_in_order(result)):
+            break
+        result, traced, on_originals = _trace_once(result, warn, failed)
+        shared = on_originals or (shared and not traced)
+        if not traced:
+            break
+        result = nesting.inline_nested_models(result)
+    if shared:  # copy the user's sublayers that tracing put in the graph
+        result, _, _ = _trace_once(result, warn, failed)
+    if result is not model and not model.trainable:
+        result.trainable = False
+    return result
