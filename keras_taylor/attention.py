@@ -344,7 +344,7 @@ class TokenHandler(handlers_lib.LayerHandler):
 
 # ---- ranking across kinds ---------------------------------------------------------
 
-@criteria_lib.register
+@keras.saving.register_keras_serializable(package="keras_taylor")
 class PerFlop(criteria_lib.Criterion):
     """Any criterion's score divided by the FLOPs of the group it scores.
 
