@@ -98,7 +98,7 @@ def _shape_of(layer) -> dict:
 
 
 def num_head_gates(layer) -> int:
-    """Gates of an attention layer: its heads (MHA) or key/value groups (GQA)."""
+    """Head gates of an attention layer: its heads (MHA) or key/value groups (GQA)."""
     return _shape_of(layer)["kv_heads"]
 
 
@@ -116,6 +116,28 @@ class AttentionHandler(handlers_lib.LayerHandler):
     creates_channels = True
     needs_gate = True
     gate_wrapper = None  # set to `HeadGate` below
+
+    def __init__(self, head_dims: bool = False):
+        if not isinstance(head_dims, bool):
+            raise TypeError(f"Expected head_dims to be a bool. Received: head_dims={head_dims!r}")
+        self.head_dims = head_dims
+
+    def segments(self, layer) -> tuple:
+        """`(heads, value dims, query/key dims)`: the gate slots of each kind.
+
+        With `head_dims=True` a `MultiHeadAttention` also gets one gate per
+        value dimension and one per query/key dimension, each shared by every
+        head (Torch-Pruning's `prune_head_dims`: the same indices in every
+        head). `GroupQueryAttention` has one `head_dim` for queries, keys and
+        values, so it only gets head gates.
+        """
+        info = _shape_of(layer)
+        if self.head_dims and not _is_gqa(layer):
+            return info["kv_heads"], info["value_dim"], info["key_dim"]
+        return info["kv_heads"], 0, 0
+
+    def num_gates(self, layer) -> int:
+        return sum(self.segments(layer))
 
     def gate_needed(self, layer) -> bool:
         return True
@@ -138,7 +160,12 @@ class AttentionHandler(handlers_lib.LayerHandler):
                 ctx.fix(m, f"is not the query, key or value of {layer.name!r} ({type(layer).__name__})")
         if _is_gqa(layer):  # its output width is its query width
             ctx.fix(in_maps[0], f"is the query of {layer.name!r} (GroupQueryAttention), whose output width follows it")
-        heads = ctx.new_ids(num_head_gates(layer))
+        heads = ctx.new_ids(self.num_gates(layer))
+        h, nv, nq = self.segments(layer)
+        if nv or nq:
+            # Keep one slot of each kind, so that no kind can empty the layer
+            # while another is left (every head, or every value or QK dim).
+            ctx.fix(heads[[0, h, h + nv]], f"is kept so that {layer.name!r} keeps a head, a value and a key dimension")
         internal = getattr(ctx, "internal", None)
         if internal is None:
             ctx.fix(heads, "the analysis context keeps no internal maps")
@@ -152,24 +179,40 @@ class AttentionHandler(handlers_lib.LayerHandler):
         return outs
 
     def gate_variables(self, layer):
-        value = _parts(layer)["value"]
-        return [v for v in (value.kernel, getattr(value, "bias", None)) if v is not None]
+        parts = _parts(layer)
+        names = ("value", "query") if self.segments(layer)[2] else ("value",)
+        return [v for n in names for v in (parts[n].kernel, getattr(parts[n], "bias", None)) if v is not None]
 
     def gate_scale(self, layer, variable, value, gate):
-        # Value kernel (dim, heads, head_dim) and bias (heads, head_dim): the
-        # head axis is second to last.
-        return value * ops.reshape(gate, (-1, 1))
+        # Value/query kernels (dim, heads, head_dim), biases (heads, head_dim):
+        # heads on the second-to-last axis, head dimensions on the last.
+        h, nv, nq = self.segments(layer)
+        if not nv and not nq:
+            return value * ops.reshape(gate, (-1, 1))
+        query = _parts(layer)["query"]
+        if variable is query.kernel or variable is getattr(query, "bias", None):
+            return value * gate[h + nv :]
+        scale = ops.reshape(gate[:h], (-1, 1)) * ops.reshape(gate[h : h + nv], (1, -1))
+        return value * scale
 
     def slice(self, layer, config, weights, kept_in, kept_out):
         info = _shape_of(layer)
-        kept_groups = np.asarray(kept_out[1], dtype=np.int64)
-        if len(kept_groups) == 0:
+        h, nv, nq = self.segments(layer)
+        kept = np.asarray(kept_out[1], dtype=np.int64)
+        kept_groups = kept[kept < h]
+        v_dims = kept[(kept >= h) & (kept < h + nv)] - h if nv else np.arange(info["value_dim"])
+        qk_dims = kept[kept >= h + nv] - h - nv if nq else np.arange(info["key_dim"])
+        if len(kept_groups) == 0 or len(v_dims) == 0 or len(qk_dims) == 0:
             raise ValueError(f"Expected at least one head left in layer {layer.name!r}. Received: a plan removing all.")
         ratio = info["q_heads"] // info["kv_heads"]
         q_heads = (kept_groups[:, None] * ratio + np.arange(ratio)[None, :]).reshape(-1)
         kv_heads = kept_groups
         rows = {"query": kept_in[0], "gate": kept_in[0], "value": kept_in[1], "key": kept_out[2]}
         heads = {"query": q_heads, "gate": q_heads, "key": kv_heads, "value": kv_heads}
+        dims = {"query": qk_dims, "key": qk_dims, "value": v_dims, "gate": v_dims}
+        # Keras scales queries by 1/sqrt(key_dim): fewer QK dims change it, so
+        # the query projection absorbs the ratio (exact).
+        q_scale = math.sqrt(len(qk_dims) / info["key_dim"])
         roles = {}
         for role, part in _parts(layer).items():
             roles[id(part.kernel)] = (role, "kernel")
@@ -184,12 +227,14 @@ class AttentionHandler(handlers_lib.LayerHandler):
                     f"variable {variable.path!r} (a LoRA or quantized layer?)."
                 )
             if role == "output":
-                w = w[q_heads] if kind == "kernel" else w
+                w = w[q_heads][:, v_dims] if kind == "kernel" else w
                 w = w[..., kept_out[0]]
             elif kind == "kernel":
-                w = w[rows[role]][:, heads[role]]
+                w = w[rows[role]][:, heads[role]][..., dims[role]]
             else:
-                w = w[heads[role]]
+                w = w[heads[role]][..., dims[role]]
+            if role == "query" and q_scale != 1.0:
+                w = (w * q_scale).astype(w.dtype)
             out.append(w)
         config = dict(config)
         if _is_gqa(layer):
@@ -197,6 +242,8 @@ class AttentionHandler(handlers_lib.LayerHandler):
             config["num_key_value_heads"] = int(len(kv_heads))
         else:
             config["num_heads"] = int(len(kv_heads))
+            config["key_dim"] = int(len(qk_dims))
+            config["value_dim"] = int(len(v_dims))
             if not config.get("output_shape"):
                 # The output width defaults to the query width: pin it.
                 config["output_shape"] = (int(len(kept_out[0])),)
@@ -204,10 +251,10 @@ class AttentionHandler(handlers_lib.LayerHandler):
 
     # ---- cost ------------------------------------------------------------------
     def cost_function(self, layer, node):
-        return attention_cost(layer, node)
+        return attention_cost(layer, node, self.segments(layer))
 
 
-def attention_cost(layer, node):
+def attention_cost(layer, node, segments=None):
     """`fn(alive) -> (macs, params)` of one call of an attention layer.
 
     With `Pq`/`Pk` the query/key positions (product of the non-batch,
@@ -225,7 +272,7 @@ def attention_cost(layer, node):
     """
     info = _shape_of(layer)
     ratio = info["q_heads"] // info["kv_heads"]
-    dk, dv = info["key_dim"], info["value_dim"]
+    h, nv, nq = segments or (info["kv_heads"], 0, 0)
     parts = _parts(layer)
     bias = getattr(layer, "_use_bias", getattr(layer, "use_bias", True))
     q_shape, v_shape = node.in_shapes[0], node.in_shapes[1]
@@ -249,7 +296,9 @@ def attention_cost(layer, node):
 
     def fn(alive):
         dq, dv_in, dk_in = count(q_ids, alive), count(v_ids, alive), count(k_ids, alive)
-        hkv = count(heads, alive)
+        hkv = count(heads[:h], alive)
+        dv = count(heads[h : h + nv], alive) if nv else info["value_dim"]
+        dk = count(heads[h + nv :], alive) if nq else info["key_dim"]
         hq = hkv * ratio
         do = count(o_ids, alive) * out_extra
         macs = (
@@ -290,7 +339,7 @@ class HeadGate(gates_lib.ChannelGate):
             self.layer.build(query_shape, value_shape, key_shape)
         self.mode = "params"
         self._axis = len(query_shape) - 1
-        self._add_state(num_head_gates(self.layer))
+        self._add_state(self._handler.num_gates(self.layer))
         self.built = True
 
     def call(self, query, value, key=None, **kwargs):

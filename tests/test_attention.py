@@ -395,3 +395,73 @@ def test_taylor_pruning_prunes_heads_and_mlp_units_of_a_vit():
     pruned = kt.prune(gated)
     assert kt.profile(pruned).flops <= 0.7 * kt.profile(model).flops
     assert rel_err(pruned(x[:4]), gated(x[:4])) <= 1e-5
+
+
+# ---- head dimensions (opt-in) -------------------------------------------------------------
+@pytest.fixture
+def head_dims():
+    """Registers the attention handler with head-dimension gates for one test."""
+    from keras_taylor import handlers
+
+    before = list(handlers._REGISTRY)
+    handler = kt.attention.AttentionHandler(head_dims=True)
+    kt.register_handler(layers.MultiHeadAttention, handler)
+    yield handler
+    handlers._REGISTRY[:] = before
+
+
+MHA_FACTORIES = ["mha", "mha_no_bias", "mha_use_gate", "attention_axes", "cross_attention", "vit"]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("name", MHA_FACTORIES)
+def test_head_dims_surgery_equals_masking(head_dims, name, seed):
+    model = FACTORIES[name]()
+    _randomize_biases(model, seed)
+    gated = kt.add_gates(model)
+    graph = kt.analyze(gated)
+    rng = np.random.default_rng(seed)
+    removed = testing.random_groups(graph, 0.4, rng)
+    shapes = {}
+    for gate in _attn(gated):
+        h, nv, nq = head_dims.segments(gate.layer)
+        assert gate.channels == h + nv + nq and nv > 1 and nq > 1
+        groups = graph.groups_of_layer_output(gate.name)
+        # Slot 0 of each kind is kept; make sure some of every kind goes.
+        assert (groups[[0, h, h + nv]] < 0).all()
+        for lo, hi in ((1, h), (h + 1, h + nv), (h + nv + 1, h + nv + nq)):
+            if hi > lo:
+                removed.add(int(groups[rng.integers(lo, hi)]))
+        alive = ~np.isin(groups, list(removed))
+        shapes[gate.name] = (alive[:h].sum(), alive[h : h + nv].sum(), alive[h + nv :].sum())
+    for layer in gated.layers:
+        if isinstance(layer, kt.ChannelGate):
+            of = graph.groups_of_layer_output(layer.name)
+            layer.gate.assign(np.where(np.isin(of, list(removed)), 0.0, 1.0).astype("float32"))
+    pruned = kt.apply_plan(gated, kt.PruningPlan.from_groups(graph, removed))
+    x = _inputs(model, seed=seed)
+    out_p, out_g, out_m = (np.asarray(m(x, training=False)) for m in (pruned, gated, model))
+    assert rel_err(out_p, out_g) <= 1e-5
+    assert rel_err(out_g, out_m) > 1e-3
+    for name_, (h, dv, dk) in shapes.items():
+        layer = pruned.get_layer(name_)
+        assert (layer.num_heads, layer.value_dim, layer.key_dim) == (h, dv, dk)
+    assert kt.profile(pruned).params == pruned.count_params()
+    assert kt.profile(pruned).flops == kt.profile(gated).flops < kt.profile(model).flops
+    assert rel_err(kt.strip_gates(gated)(x), out_g) <= 1e-5
+
+
+def test_head_dims_flops_by_hand(head_dims):
+    model = self_attention()  # 5 tokens of width 6; 3 heads, key_dim 2, value_dim 3
+    gated = kt.add_gates(model)
+    gate = gated.get_layer("mha")
+    assert gate.channels == 3 + 3 + 2
+    gate.gate.assign(np.array([1, 1, 1, 1, 0, 1, 1, 0], "float32"))  # one value dim, one QK dim
+    T, D, H = 5, 6, 3
+    full = kt.profile(model).by_name()["mha"].flops
+    assert full == T * D * H * 2 * 2 + T * D * H * 3 + T * T * H * 2 + T * T * H * 3 + T * H * 3 * D == 1275
+    assert kt.profile(gated).by_name()["mha"].flops == (
+        T * D * H * 1 * 2 + T * D * H * 2 + T * T * H * 1 + T * T * H * 2 + T * H * 2 * D
+    ) == 765
+    with pytest.raises(TypeError, match="head_dims"):
+        kt.attention.AttentionHandler(head_dims="yes")
