@@ -175,9 +175,13 @@ def test_head_gate_refuses_other_modes_and_layers():
 
 
 # ---- scores against an independent tape ------------------------------------------
-def _manual_attention(layer, query, value, key, mask):
+def _manual_attention(layer, query, value, key, mask, segments=None):
     """The attention layer recomputed from its weights, with `mask` (one per
-    gate) multiplying each head's (group's) output before the output projection."""
+    gate) multiplying each head's (group's) output before the output projection.
+
+    With `segments = (heads, value dims, QK dims)`, `mask` also holds one
+    factor per value dimension (on the heads' outputs) and one per QK
+    dimension (on the projected queries)."""
     q_dense, k_dense, v_dense, o_dense = layer._query_dense, layer._key_dense, layer._value_dense, layer._output_dense
     key = value if key is None else key
 
@@ -186,6 +190,12 @@ def _manual_attention(layer, query, value, key, mask):
         return y + d.bias.value if getattr(d, "bias", None) is not None else y
 
     q, k, v = proj(q_dense, query), proj(k_dense, key), proj(v_dense, value)
+    dims_mask = 1.0
+    if segments is not None and sum(segments[1:]):
+        h, nv, _ = segments
+        q = q * mask[h + nv :]
+        dims_mask = tf.reshape(mask[h : h + nv], (1, 1, 1, -1))
+        mask = mask[:h]
     if isinstance(layer, layers.GroupQueryAttention):
         r = layer.num_query_heads // layer.num_key_value_heads
         k, v = tf.repeat(k, r, axis=2), tf.repeat(v, r, axis=2)
@@ -195,7 +205,7 @@ def _manual_attention(layer, query, value, key, mask):
         dk = layer.key_dim
     scores = tf.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(float(dk))
     attn = tf.nn.softmax(scores, axis=-1)
-    out = tf.einsum("bnts,bsnh->btnh", attn, v) * tf.reshape(mask, (1, 1, -1, 1))
+    out = tf.einsum("bnts,bsnh->btnh", attn, v) * tf.reshape(mask, (1, 1, -1, 1)) * dims_mask
     y = tf.einsum("btnh,nhd->btd", out, o_dense.kernel.value)
     return y + o_dense.bias.value if getattr(o_dense, "bias", None) is not None else y
 
@@ -207,7 +217,8 @@ def _reference_head_grads(gated, x, y):
 
     def call(op, *args, **kwargs):
         if isinstance(op, kt.attention.HeadGate):
-            return _manual_attention(op.layer, args[0], args[1], kwargs.get("key"), masks[op.name])
+            segments = op._handler.segments(op.layer)
+            return _manual_attention(op.layer, args[0], args[1], kwargs.get("key"), masks[op.name], segments)
         return op(*args, **kwargs)
 
     with tf.GradientTape() as tape:
@@ -218,6 +229,10 @@ def _reference_head_grads(gated, x, y):
 
 @pytest.mark.parametrize("gqa", [False, True], ids=["mha", "gqa"])
 def test_head_score_matches_independent_tape(gqa):
+    _check_scores(gqa)
+
+
+def _check_scores(gqa):
     model = tiny_vit(gqa=gqa)
     _randomize_biases(model)
     gated = kt.add_gates(model)
@@ -237,8 +252,8 @@ def test_head_score_matches_independent_tape(gqa):
         per = np.zeros(graph.num_groups)
         for name, g in grads.items():
             groups = graph.groups_of_layer_output(name)
-            per[groups] += g
-            head_groups.extend(groups.tolist())
+            per[groups[groups >= 0]] += g[groups >= 0]
+            head_groups.extend(groups[groups >= 0].tolist())
         ref += per**2 / steps
     gated.compile(optimizer=keras.optimizers.SGD(0.0), loss=LOSS)
     pruner = kt.TaylorPruning(target=0.5, prune_every=10_000)
@@ -465,3 +480,7 @@ def test_head_dims_flops_by_hand(head_dims):
     ) == 765
     with pytest.raises(TypeError, match="head_dims"):
         kt.attention.AttentionHandler(head_dims="yes")
+
+
+def test_head_dim_scores_match_independent_tape(head_dims):
+    _check_scores(gqa=False)
