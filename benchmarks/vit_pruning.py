@@ -11,7 +11,9 @@ training continues for the same number of epochs and with the same data order:
 
 - `heads+mlp`: every attention head and MLP hidden unit in one global ranking;
 - `mlp_only`: the heads are never removed (their groups ranked last), which is
-  what keras_taylor did before attention layers had a handler.
+  what keras_taylor did before attention layers had a handler;
+- `heads+mlp_per_flop`: heads and MLP units ranked by Taylor score per FLOP
+  (`keras_taylor.attention.PerFlop`).
 
 Top-1 on the 10,000 test images, FLOPs (MACs, attention `QKᵀ`/`AV` included),
 params and CPU latency (`keras_taylor.latency`, interleaved) go to
@@ -80,6 +82,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--prune_every", type=int, default=10)
     p.add_argument("--channels_per_step", type=int, default=32)
+    p.add_argument("--variants", default="heads+mlp,mlp_only,heads+mlp_per_flop",
+                   help="comma-separated subset of heads+mlp, mlp_only, heads+mlp_per_flop")
     p.add_argument("--quick", action="store_true", help="tiny smoke run")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "vit_pruning.json"))
     args = p.parse_args(argv)
@@ -113,10 +117,17 @@ def main(argv=None) -> int:
         "runs": {},
     }
     pruned_models = {"dense": model}
-    for variant in ("heads+mlp", "mlp_only"):
-        keras.utils.set_random_seed(1)  # same data order for both variants
+    variants = args.variants.split(",")
+    unknown = set(variants) - {"heads+mlp", "mlp_only", "heads+mlp_per_flop"}
+    if unknown:
+        raise ValueError(f"Expected variants among heads+mlp, mlp_only, heads+mlp_per_flop. Received: {sorted(unknown)}")
+    for variant in variants:
+        keras.utils.set_random_seed(1)  # same data order for every variant
         gated = kt.add_gates(model)
-        criterion = "taylor_fo_bn" if variant == "heads+mlp" else HeadsLast(_head_groups(gated))
+        criterion = {
+            "heads+mlp": "taylor_fo_bn",
+            "heads+mlp_per_flop": kt.attention.PerFlop("taylor_fo_bn"),
+        }.get(variant) or HeadsLast(_head_groups(gated))
         pruner = kt.TaylorPruning(
             target=0.5, metric="flops", prune_every=args.prune_every,
             channels_per_step=args.channels_per_step, criterion=criterion,
