@@ -484,3 +484,23 @@ def test_head_dims_flops_by_hand(head_dims):
 
 def test_head_dim_scores_match_independent_tape(head_dims):
     _check_scores(gqa=False)
+
+
+def test_weight_taylor_sees_heads_through_the_value_kernel():
+    """FO-weight sums w·∂L/∂w over the value slice of a head: the head's gate gradient."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 8, 8, 1)).astype("float32")
+    y = rng.integers(0, 3, 8)
+    scores = {}
+    for criterion in ("taylor_fo_bn", "taylor_fo_weight"):
+        model = tiny_vit(depth=1)
+        _randomize_biases(model)
+        gated = kt.add_gates(model)
+        gated.compile(optimizer=keras.optimizers.SGD(0.0), loss=LOSS)
+        pruner = kt.TaylorPruning(target=0.5, prune_every=10_000, criterion=criterion)
+        gated.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[pruner])
+        scores[criterion] = pruner._scorer.read()[0]
+    heads = kt.analyze(gated).groups_of_layer_output("block0_attn")
+    a, b = scores["taylor_fo_weight"][heads], scores["taylor_fo_bn"][heads]
+    assert b.min() > 0
+    np.testing.assert_allclose(a, b, rtol=1e-4)
