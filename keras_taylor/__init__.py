@@ -15,8 +15,7 @@ References:
 """
 
 from keras_taylor.callbacks import TaylorPruning
-from keras_taylor import criteria, oracle
-from keras_taylor import export  # `kt.export.export_saved_model(...)`
+from keras_taylor import attention, criteria, oracle
 from keras_taylor.criteria import Criterion, TaylorFOBN
 from keras_taylor.flops import Profile, profile
 from keras_taylor.gates import ChannelGate, add_gates, gate_values, is_gated, strip_gates
@@ -62,6 +61,7 @@ __all__ = [
     "TaylorPruning",
     "TaylorScorer",
     "add_gates",
+    "attention",
     "analyze",
     "apply_plan",
     "criteria",

@@ -81,6 +81,13 @@ class CostModel:
             if node.handler is None:
                 self._terms.append((node.name, type(inner).__name__, None, None, None, None, (inner.count_params() if hasattr(inner, "count_params") else 0) if first else 0))
                 continue
+            counter = getattr(node.handler, "cost_function", None)
+            if counter is not None:
+                # Layers whose cost is not linear in (in, out) channels
+                # (attention: heads, several inputs): `fn(alive) -> (macs, params)`.
+                fn = counter(inner, node)
+                self._terms.append((node.name, type(inner).__name__, None, None, fn, first, 0))
+                continue
             in_ids = node.in_maps[0] if node.in_maps else None
             out_ids = node.out_maps[0]
             macs, params = _costs(graph, node, first)
@@ -92,6 +99,9 @@ class CostModel:
         for name, cls, in_ids, out_ids, macs, params, fixed in self._terms:
             if macs is None:
                 f, p = 0, fixed
+            elif callable(macs):
+                f, p = macs(alive)
+                p = p if params else 0
             else:
                 cin = (len(in_ids) if alive is None else int(alive[in_ids].sum())) if in_ids is not None else 0
                 cout = len(out_ids) if alive is None else int(alive[out_ids].sum())
@@ -107,6 +117,11 @@ class CostModel:
         for _, _, in_ids, out_ids, macs, prm, fixed in self._terms:
             if macs is None:
                 params += fixed
+                continue
+            if callable(macs):
+                f, p = macs(alive)
+                flops += f
+                params += p if prm else 0
                 continue
             cin = int(np.count_nonzero(alive[in_ids])) if in_ids is not None else 0
             cout = int(np.count_nonzero(alive[out_ids]))

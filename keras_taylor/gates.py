@@ -116,7 +116,11 @@ class ChannelGate(keras.layers.Wrapper):
         self._axis = graph_lib._declared_axis(self.layer, len(out_shape))
         if self._axis is None:
             self._axis = len(out_shape) - 1
-        channels = int(out_shape[self._axis])
+        self._add_state(int(out_shape[self._axis]))
+        self.built = True
+
+    def _add_state(self, channels: int) -> None:
+        """Creates the gate and the pruning-state variables for `channels` gates."""
         state = dict(trainable=False, dtype="float32", autocast=False, aggregation="only_first_replica")
         self.gate = self.add_weight(name="gate", shape=(channels,), initializer="ones", **state)
         # Pruning state, saved with every checkpoint of the model so a run
@@ -125,7 +129,6 @@ class ChannelGate(keras.layers.Wrapper):
         self.score = self.add_weight(name="score", shape=(channels,), initializer="zeros", **state)
         self.ema = self.add_weight(name="ema", shape=(channels,), initializer="zeros", **state)
         self.counters = self.add_weight(name="counters", shape=(len(COUNTERS),), initializer="zeros", **state)
-        self.built = True
 
     @property
     def channels(self) -> int:
@@ -316,7 +319,9 @@ def add_gates(model: keras.Model, on_unknown: str = "error") -> keras.Model:
         new = _clone_layer(layer)
         pairs.append((layer, new))
         if layer.name in sites:
-            return ChannelGate(new, name=layer.name)
+            # A handler may name its own wrapper (attention heads: `HeadGate`).
+            wrapper = getattr(graph_lib.get_handler(new), "gate_wrapper", None) or ChannelGate
+            return wrapper(new, name=layer.name)
         return new
 
     gated = clone_with(model, clone)

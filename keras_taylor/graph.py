@@ -163,6 +163,16 @@ class NodeInfo:
     in_keys: list = field(default_factory=list)  # id() of the input KerasTensors
     in_axes: list = field(default_factory=list)  # channel axis of each input in its real layout
     out_axes: list = field(default_factory=list)  # channel axis of each output
+    # Channel maps of units inside the layer that no tensor carries (the heads
+    # of an attention layer, see `keras_taylor.attention`); the first one, when
+    # present, is what the layer's gate covers.
+    internal_maps: list = field(default_factory=list)
+
+    @property
+    def gate_map(self) -> np.ndarray:
+        """The channel ids a gate on this layer covers: its first internal map
+        (attention heads) if it has one, else its first output's map."""
+        return self.internal_maps[0] if self.internal_maps else self.out_maps[0]
 
     @property
     def name(self) -> str:
@@ -177,6 +187,7 @@ class _UnionFind(AnalysisContext):
     def __init__(self):
         self.parent: list[int] = []
         self.fixed: list = []  # [(ids, reason)]
+        self.internal: list = []  # internal maps of the layer being read (NodeInfo.internal_maps)
 
     def new_ids(self, n: int) -> np.ndarray:
         start = len(self.parent)
@@ -239,7 +250,7 @@ class ChannelGraph:
     def groups_of_layer_output(self, layer_name: str) -> np.ndarray:
         """Group index of each output channel of a layer (-1: fixed)."""
         node = self.first_node(layer_name)
-        return self.group_of_comp[self.comp_of[node.out_maps[0]]]
+        return self.group_of_comp[self.comp_of[node.gate_map]]
 
     def alive_ids(self, removed_groups) -> np.ndarray:
         """Boolean mask over channel ids: False where the id's group is removed."""
@@ -262,7 +273,7 @@ class ChannelGraph:
         out = {}
         for n in self.nodes:
             if n.handler is not None and n.handler.creates_channels and n.name not in out:
-                out[n.name] = n.out_maps[0]
+                out[n.name] = n.gate_map
         return out
 
     def layer_channel_counts(self, removed_groups=()) -> dict:
@@ -413,6 +424,7 @@ def analyze(model: keras.Model, on_unknown: str = "error", input_shape=None) -> 
         in_shapes = [_canonical(s, a) for s, a in zip(real_in, in_axes)]
         out_shapes = [_canonical(s, a) for s, a in zip(real_out, out_axes)]
         uf.in_axes, uf.out_axes = in_axes, out_axes
+        uf.internal = []
         if handler is None:
             out_maps = []
             for s in out_shapes:
@@ -430,6 +442,7 @@ def analyze(model: keras.Model, on_unknown: str = "error", input_shape=None) -> 
                 if handler.creates_channels
                 else handler.propagate(inner, in_maps, in_shapes, out_shapes, uf)
             )
+            uf.internal = list(first.internal_maps)
         else:
             out_maps = handler.propagate(inner, in_maps, in_shapes, out_shapes, uf)
         for t, m, s, a in zip(out_tensors, out_maps, out_shapes, out_axes):
@@ -445,7 +458,7 @@ def analyze(model: keras.Model, on_unknown: str = "error", input_shape=None) -> 
         node = NodeInfo(
             layer, handler, in_maps, out_maps, in_shapes, out_shapes,
             [id(t) for t in out_tensors], [id(t) for t in in_tensors],
-            list(in_axes), list(out_axes),
+            list(in_axes), list(out_axes), list(uf.internal),
         )
         nodes.append(node)
         first_call.setdefault(layer.name, node)
@@ -592,7 +605,7 @@ def _gate_sites(graph: ChannelGraph, consumers: dict, outputs) -> list:
         node = calls[0]
         if node.handler is None or not node.handler.gate_needed(node.inner):
             continue
-        groups = graph.group_of_comp[graph.comp_of[node.out_maps[0]]]
+        groups = graph.group_of_comp[graph.comp_of[node.gate_map]]
         if not (groups >= 0).any():
             continue
         if len(calls) == 1 and _feeds_only_batchnorm(node, by_name, consumers, output_ids):

@@ -61,8 +61,10 @@ def apply_plan(model: keras.Model, plan: PruningPlan, on_unknown: str = "error")
             continue
         seen.add(node.name)
         kin = [np.flatnonzero(alive[m]) for m in node.in_maps]
-        kout = [np.flatnonzero(alive[m]) for m in node.out_maps]
-        if any(len(k) < len(m) for k, m in zip(kin + kout, node.in_maps + node.out_maps)):
+        # Internal maps (attention heads) follow the outputs in `kept_out`.
+        maps_out = node.out_maps + node.internal_maps
+        kout = [np.flatnonzero(alive[m]) for m in maps_out]
+        if any(len(k) < len(m) for k, m in zip(kin + kout, node.in_maps + maps_out)):
             kept[node.name] = (kin, kout, node.in_axes, node.out_axes)
     if gates_lib.is_gated(model):
         model = gates_lib._strip(model, check_output_gates=False)

@@ -1,0 +1,448 @@
+"""Attention heads as prunable channel groups.
+
+`keras.layers.MultiHeadAttention` (MHA) and `keras.layers.GroupQueryAttention`
+(GQA) keep their heads on an explicit kernel axis: query/key/value kernels are
+`(dim, heads, head_dim)`, biases `(heads, head_dim)`, the output kernel
+`(heads, head_dim, dim)`. This module makes every head (for GQA: every
+key/value group) one channel group of the analysis (`keras_taylor.graph`):
+
+- **Gate, parameter-side** (`HeadGate`). Head `h` contributes
+  `softmax(q_h k_hᵀ) v_h W_o[h]` to the output, and the attention weights do
+  not depend on `v_h`, so scaling the head's value kernel slice and bias by
+  `m_h` scales its contribution by `m_h`. `∂L/∂m_h = Σ (W_v·∂L/∂W_v +
+  b_v·∂L/∂b_v)` over the head's slice: the gate gradient comes from the
+  parameter gradients backprop computes anyway, and the gated layer adds no
+  activation-sized operation (the same trick as the BN and conv gates of
+  `keras_taylor.gates`). Michel et al. (NeurIPS 2019, "Are Sixteen Heads Really
+  Better than One?") score heads by `|∂L/∂m_h|` on exactly this gate; the
+  default criterion squares it (CVPR'19 Taylor-FO).
+- **GQA**: query heads `u` share key/value head `u // (num_query_heads //
+  num_key_value_heads)` (Keras repeats keys and values). A gate on the value of
+  key/value head `k` scales the output of all the query heads of its group,
+  so one gate = one group of `num_query_heads // num_key_value_heads` query
+  heads plus their key/value head; removing it removes all of them and keeps
+  the layer's query/key-value ratio. (A gate per query head is possible on
+  the output kernel, but removing single query heads would break the ratio
+  Keras requires.)
+- **Surgery**: the layer is rebuilt with fewer `num_heads` (GQA:
+  `num_query_heads`/`num_key_value_heads`) and its query/key/value/gate/output
+  kernels and biases sliced on the head axis (Torch-Pruning's
+  `prune_num_heads`); input channels of the query, key and value projections
+  are sliced like a Dense layer's. The output channels of an attention layer
+  are not pruned here.
+- **Cost**: `attention_cost` counts the projections plus `QKᵀ` and `AV`
+  multiply–accumulates, so `keras_taylor.profile` and the FLOPs target see
+  what a head costs.
+
+References:
+    Michel, Levy, Neubig. "Are Sixteen Heads Really Better than One?"
+    NeurIPS 2019.
+    Yang, Yin, Shen, Molchanov, Li, Kautz. "Global Vision Transformer Pruning
+    with Hessian-Aware Saliency" (NViT), CVPR 2023 (github.com/NVlabs/NViT).
+    Fang et al. "DepGraph: Towards Any Structural Pruning", CVPR 2023
+    (Torch-Pruning, github.com/VainF/Torch-Pruning: `num_heads`,
+    `prune_num_heads`, `prune_head_dims`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_taylor import criteria as criteria_lib
+from keras_taylor import gates as gates_lib
+from keras_taylor import handlers as handlers_lib
+from keras_taylor import models as models_lib
+
+L = keras.layers
+
+
+def _is_gqa(layer) -> bool:
+    return isinstance(layer, L.GroupQueryAttention)
+
+
+def _parts(layer) -> dict:
+    """`{role: EinsumDense}` of a built attention layer."""
+    parts = {
+        "query": getattr(layer, "_query_dense", None),
+        "key": getattr(layer, "_key_dense", None),
+        "value": getattr(layer, "_value_dense", None),
+        "output": getattr(layer, "_output_dense", None),
+    }
+    if getattr(layer, "_use_gate", getattr(layer, "use_gate", False)):
+        parts["gate"] = getattr(layer, "_gate_dense", None)
+    missing = [k for k, v in parts.items() if v is None]
+    if missing:
+        raise ValueError(
+            f"Expected a built {type(layer).__name__} with query/key/value/output "
+            f"projections. Received: layer {layer.name!r} without {missing} (call it once "
+            "on inputs first)."
+        )
+    return parts
+
+
+def _shape_of(layer) -> dict:
+    """Heads and per-head widths: `q_heads`, `kv_heads`, `key_dim`, `value_dim`."""
+    if _is_gqa(layer):
+        return dict(
+            q_heads=int(layer.num_query_heads), kv_heads=int(layer.num_key_value_heads),
+            key_dim=int(layer.head_dim), value_dim=int(layer.head_dim),
+        )
+    return dict(
+        q_heads=int(layer.num_heads), kv_heads=int(layer.num_heads),
+        key_dim=int(layer.key_dim), value_dim=int(layer.value_dim),
+    )
+
+
+def num_head_gates(layer) -> int:
+    """Head gates of an attention layer: its heads (MHA) or key/value groups (GQA)."""
+    return _shape_of(layer)["kv_heads"]
+
+
+class AttentionHandler(handlers_lib.LayerHandler):
+    """`MultiHeadAttention` and `GroupQueryAttention`: heads are channel groups.
+
+    Channel maps: inputs are `(query, value[, key])`; the layer makes one
+    internal map of head ids (GQA: key/value groups), which is what its gate
+    covers, and a second internal map naming the channels the key projection
+    reads (the key input's, or the value's when no key is passed), so that
+    surgery knows them. Output channels are new and fixed. Tensors beyond a
+    key (an `attention_mask`) are fixed: their channels are not pruned.
+    """
+
+    creates_channels = True
+    needs_gate = True
+    gate_wrapper = None  # set to `HeadGate` below
+
+    def __init__(self, head_dims: bool = False):
+        if not isinstance(head_dims, bool):
+            raise TypeError(f"Expected head_dims to be a bool. Received: head_dims={head_dims!r}")
+        self.head_dims = head_dims
+
+    def segments(self, layer) -> tuple:
+        """`(heads, value dims, query/key dims)`: the gate slots of each kind.
+
+        With `head_dims=True` a `MultiHeadAttention` also gets one gate per
+        value dimension and one per query/key dimension, each shared by every
+        head (Torch-Pruning's `prune_head_dims`: the same indices in every
+        head). `GroupQueryAttention` has one `head_dim` for queries, keys and
+        values, so it only gets head gates.
+        """
+        info = _shape_of(layer)
+        if self.head_dims and not _is_gqa(layer):
+            return info["kv_heads"], info["value_dim"], info["key_dim"]
+        return info["kv_heads"], 0, 0
+
+    def num_gates(self, layer) -> int:
+        return sum(self.segments(layer))
+
+    def gate_needed(self, layer) -> bool:
+        return True
+
+    def mixes_inputs(self, layer, in_shapes) -> bool:
+        return True
+
+    @staticmethod
+    def _key_index(in_shapes) -> int:
+        """Index of the key input: 2 when a third input is shaped like the
+        value (all but the channel axis), else 1 (the value)."""
+        if len(in_shapes) > 2 and tuple(in_shapes[2][1:-1]) == tuple(in_shapes[1][1:-1]):
+            return 2
+        return 1
+
+    def propagate(self, layer, in_maps, in_shapes, out_shapes, ctx):
+        k = self._key_index(in_shapes)
+        for i, m in enumerate(in_maps):
+            if i > 2 or (i == 2 and k != 2):
+                ctx.fix(m, f"is not the query, key or value of {layer.name!r} ({type(layer).__name__})")
+        if _is_gqa(layer):  # its output width is its query width
+            ctx.fix(in_maps[0], f"is the query of {layer.name!r} (GroupQueryAttention), whose output width follows it")
+        heads = ctx.new_ids(self.num_gates(layer))
+        h, nv, nq = self.segments(layer)
+        if nv or nq:
+            # Keep one slot of each kind, so that no kind can empty the layer
+            # while another is left (every head, or every value or QK dim).
+            ctx.fix(heads[[0, h, h + nv]], f"is kept so that {layer.name!r} keeps a head, a value and a key dimension")
+        internal = getattr(ctx, "internal", None)
+        if internal is None:
+            ctx.fix(heads, "the analysis context keeps no internal maps")
+        else:
+            internal.extend([heads, in_maps[k]])
+        outs = []
+        for s in out_shapes:
+            ids = ctx.new_ids(s[-1] if len(s) > 1 else 1)
+            ctx.fix(ids, f"comes out of {layer.name!r} ({type(layer).__name__}), whose output channels are not pruned")
+            outs.append(ids)
+        return outs
+
+    def gate_variables(self, layer):
+        parts = _parts(layer)
+        names = ("value", "query") if self.segments(layer)[2] else ("value",)
+        return [v for n in names for v in (parts[n].kernel, getattr(parts[n], "bias", None)) if v is not None]
+
+    def gate_scale(self, layer, variable, value, gate):
+        # Value/query kernels (dim, heads, head_dim), biases (heads, head_dim):
+        # heads on the second-to-last axis, head dimensions on the last.
+        h, nv, nq = self.segments(layer)
+        if not nv and not nq:
+            return value * ops.reshape(gate, (-1, 1))
+        query = _parts(layer)["query"]
+        if variable is query.kernel or variable is getattr(query, "bias", None):
+            return value * gate[h + nv :]
+        scale = ops.reshape(gate[:h], (-1, 1)) * ops.reshape(gate[h : h + nv], (1, -1))
+        return value * scale
+
+    def slice(self, layer, config, weights, kept_in, kept_out):
+        info = _shape_of(layer)
+        h, nv, nq = self.segments(layer)
+        kept = np.asarray(kept_out[1], dtype=np.int64)
+        kept_groups = kept[kept < h]
+        v_dims = kept[(kept >= h) & (kept < h + nv)] - h if nv else np.arange(info["value_dim"])
+        qk_dims = kept[kept >= h + nv] - h - nv if nq else np.arange(info["key_dim"])
+        if len(kept_groups) == 0 or len(v_dims) == 0 or len(qk_dims) == 0:
+            raise ValueError(f"Expected at least one head left in layer {layer.name!r}. Received: a plan removing all.")
+        ratio = info["q_heads"] // info["kv_heads"]
+        q_heads = (kept_groups[:, None] * ratio + np.arange(ratio)[None, :]).reshape(-1)
+        kv_heads = kept_groups
+        rows = {"query": kept_in[0], "gate": kept_in[0], "value": kept_in[1], "key": kept_out[2]}
+        heads = {"query": q_heads, "gate": q_heads, "key": kv_heads, "value": kv_heads}
+        dims = {"query": qk_dims, "key": qk_dims, "value": v_dims, "gate": v_dims}
+        # Keras scales queries by 1/sqrt(key_dim): fewer QK dims change it, so
+        # the query projection absorbs the ratio (exact).
+        q_scale = math.sqrt(len(qk_dims) / info["key_dim"])
+        roles = {}
+        for role, part in _parts(layer).items():
+            roles[id(part.kernel)] = (role, "kernel")
+            if getattr(part, "bias", None) is not None:
+                roles[id(part.bias)] = (role, "bias")
+        out = []
+        for variable, w in zip(layer.weights, weights):
+            role, kind = roles.get(id(variable), (None, None))
+            if role is None:
+                raise ValueError(
+                    f"Expected only projection kernels and biases in {layer.name!r}. Received: "
+                    f"variable {variable.path!r} (a LoRA or quantized layer?)."
+                )
+            if role == "output":
+                w = w[q_heads][:, v_dims] if kind == "kernel" else w
+                w = w[..., kept_out[0]]
+            elif kind == "kernel":
+                w = w[rows[role]][:, heads[role]][..., dims[role]]
+            else:
+                w = w[heads[role]][..., dims[role]]
+            if role == "query" and q_scale != 1.0:
+                w = (w * q_scale).astype(w.dtype)
+            out.append(w)
+        config = dict(config)
+        if _is_gqa(layer):
+            config["num_query_heads"] = int(len(q_heads))
+            config["num_key_value_heads"] = int(len(kv_heads))
+        else:
+            config["num_heads"] = int(len(kv_heads))
+            config["key_dim"] = int(len(qk_dims))
+            config["value_dim"] = int(len(v_dims))
+            if not config.get("output_shape"):
+                # The output width defaults to the query width: pin it.
+                config["output_shape"] = (int(len(kept_out[0])),)
+        return config, out
+
+    # ---- cost ------------------------------------------------------------------
+    def cost_function(self, layer, node):
+        return attention_cost(layer, node, self.segments(layer))
+
+
+def attention_cost(layer, node, segments=None):
+    """`fn(alive) -> (macs, params)` of one call of an attention layer.
+
+    With `Pq`/`Pk` the query/key positions (product of the non-batch,
+    non-channel dimensions), `Sk` the key positions over the attention axes,
+    `Dq`/`Dk`/`Dv`/`Do` the query/key/value/output widths, `Hq`/`Hkv` the query
+    and key/value heads (equal for MHA), `dk`/`dv` the per-head key and value
+    widths, the multiply–accumulates are
+
+        Q: Pq·Dq·Hq·dk    K: Pk·Dk·Hkv·dk    V: Pk·Dv·Hkv·dv
+        QKᵀ: Pq·Sk·Hq·dk  AV: Pq·Sk·Hq·dv    out: Pq·Hq·dv·Do
+        (+ gate, `use_gate=True`: Pq·Dq·Hq·dv)
+
+    (Keras repeats GQA's keys and values, which costs no MACs; softmax and
+    scaling count 0 like every activation). Params are the kernels and biases.
+    """
+    info = _shape_of(layer)
+    ratio = info["q_heads"] // info["kv_heads"]
+    h, nv, nq = segments or (info["kv_heads"], 0, 0)
+    parts = _parts(layer)
+    bias = getattr(layer, "_use_bias", getattr(layer, "use_bias", True))
+    q_shape, v_shape = node.in_shapes[0], node.in_shapes[1]
+    pq = math.prod(q_shape[1:-1])
+    pk = math.prod(v_shape[1:-1])
+    axes = getattr(layer, "_attention_axes", None)
+    if axes:
+        rank = len(v_shape)
+        sk = math.prod(v_shape[a % rank] for a in axes)
+    else:
+        sk = pk
+    out_kernel = tuple(parts["output"].kernel.shape)
+    out_extra = math.prod(out_kernel[2:-1])  # output_shape with more than one axis
+    q_ids, v_ids = node.in_maps[0], node.in_maps[1]
+    heads, k_ids = node.internal_maps[0], node.internal_maps[1]
+    o_ids = node.out_maps[0]
+    gate = "gate" in parts
+
+    def count(ids, alive):
+        return len(ids) if alive is None else int(np.count_nonzero(alive[ids]))
+
+    def fn(alive):
+        dq, dv_in, dk_in = count(q_ids, alive), count(v_ids, alive), count(k_ids, alive)
+        hkv = count(heads[:h], alive)
+        dv = count(heads[h : h + nv], alive) if nv else info["value_dim"]
+        dk = count(heads[h + nv :], alive) if nq else info["key_dim"]
+        hq = hkv * ratio
+        do = count(o_ids, alive) * out_extra
+        macs = (
+            pq * dq * hq * dk + pk * dk_in * hkv * dk + pk * dv_in * hkv * dv
+            + pq * sk * hq * dk + pq * sk * hq * dv + pq * hq * dv * do
+        )
+        params = dq * hq * dk + dk_in * hkv * dk + dv_in * hkv * dv + hq * dv * do
+        if bias:
+            params += hq * dk + hkv * dk + hkv * dv + do
+        if gate:
+            macs += pq * dq * hq * dv
+            params += dq * hq * dv + (hq * dv if bias else 0)
+        return float(macs), float(params)
+
+    return fn
+
+
+@keras.saving.register_keras_serializable(package="keras_taylor")
+class HeadGate(gates_lib.ChannelGate):
+    """A gate per head of a `MultiHeadAttention` (per key/value group of a
+    `GroupQueryAttention`), scaling the head's value projection.
+
+    Called like the layer it wraps: `gate(query, value, key=None, **kwargs)`.
+    Holds the same pruning state as `ChannelGate` (`gate`, `score`, `ema`,
+    `counters`), one slot per head. Criteria that read activations
+    (per-example Taylor, activation statistics) cannot score heads: the
+    layer's output is not per head, and such a criterion is refused when the
+    train step is traced.
+    """
+
+    def __init__(self, layer, mode: str | None = None, **kwargs):
+        if mode not in (None, "params"):
+            raise ValueError(f"Expected mode 'params' for a head gate. Received: mode={mode!r}")
+        super().__init__(layer, mode="params", **kwargs)
+
+    def build(self, query_shape, value_shape, key_shape=None):
+        if not self.layer.built:
+            self.layer.build(query_shape, value_shape, key_shape)
+        self.mode = "params"
+        self._axis = len(query_shape) - 1
+        self._add_state(self._handler.num_gates(self.layer))
+        self.built = True
+
+    def call(self, query, value, key=None, **kwargs):
+        if getattr(gates_lib._recorder, "calls", None) is not None:
+            raise ValueError(
+                f"Expected a criterion that scores gates from gradients (taylor_fo_bn, "
+                f"taylor_so, taylor_fo_weight, ...). Received: a criterion that reads "
+                f"activations, which cannot score the heads of {self.name!r}."
+            )
+        gated = self._handler.gate_variables(self.layer)
+        mapping = [
+            (v, self._handler.gate_scale(self.layer, v, v.value, ops.cast(self.gate, v.dtype))) for v in gated
+        ]
+        if key is not None:
+            kwargs["key"] = key
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            y = self.layer(query, value, **kwargs)
+        mapped = {id(v) for v in gated}
+        for v in self.layer.variables:  # dropout seed state
+            if id(v) not in mapped:
+                new = scope.get_current_value(v)
+                if new is not None:
+                    v.assign(new)
+        return y
+
+    def compute_output_spec(self, *args, **kwargs):
+        return self.layer.compute_output_spec(*args, **kwargs)
+
+    def compute_output_shape(self, *args, **kwargs):
+        return self.layer.compute_output_shape(*args, **kwargs)
+
+
+AttentionHandler.gate_wrapper = HeadGate
+
+
+class TokenHandler(handlers_lib.LayerHandler):
+    """`keras_taylor.models.ClassTokenPosition`: per-channel class token and
+    position embedding, so channels stay apart; it adds a learned vector, so
+    a removed channel becomes non-zero (no gate can follow it: it is fixed
+    wherever a mixing layer reads it, like any shift)."""
+
+    def lifts_zero(self, layer, in_shapes):
+        return f"{layer.name!r} adds a class token and a position embedding"
+
+    def slice(self, layer, config, weights, kept_in, kept_out):
+        return config, [w[..., kept_out[0]] for w in weights]
+
+    def params(self, layer, in_shapes, out_shapes):
+        return handlers_lib.Cost(b=float(out_shapes[0][-2] + 1))
+
+
+# ---- ranking across kinds ---------------------------------------------------------
+
+@keras.saving.register_keras_serializable(package="keras_taylor")
+class PerFlop(criteria_lib.Criterion):
+    """Any criterion's score divided by the FLOPs of the group it scores.
+
+    Heads, MLP units and conv channels cost very different FLOPs: a head of a
+    ViT block costs `Pq·D·dk·2 + ...` MACs, an MLP unit `2·P·D`. Ranking by
+    importance per unit of cost (`score / FLOPs_g`, FLOPs normalised by the
+    largest group's, `RankingContext.group_flops`) removes first what buys
+    the most FLOPs per unit of lost importance — NViT's latency-aware
+    ranking with FLOPs as the cost. Groups whose removal saves no FLOPs are
+    ranked last. The FLOPs/params target of `TaylorPruning` stays the one
+    knob: only the order changes.
+
+    Args:
+        criterion: the base criterion id or instance. Defaults to
+            `"taylor_fo_bn"`.
+
+    Example:
+
+    ```python
+    pruner = kt.TaylorPruning(target=0.5, criterion=kt.attention.PerFlop("taylor_fo_bn"))
+    ```
+    """
+
+    name = "per_flop"
+
+    def __init__(self, criterion="taylor_fo_bn"):
+        if isinstance(criterion, PerFlop):
+            raise ValueError("Expected a base criterion. Received: criterion=PerFlop(...)")
+        self.base = criteria_lib.get(criterion)
+        self.uses_activations = self.base.uses_activations
+
+    def build(self, num_groups):
+        self.base.build(num_groups)
+
+    def batch_score(self, signals):
+        return self.base.batch_score(signals)
+
+    def rank(self, scores, context):
+        ranked = np.asarray(self.base.rank(scores, context), dtype="float64")
+        flops = context.group_flops()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out = np.where(flops > 0, ranked / np.where(flops > 0, flops, 1.0), np.inf)
+        return out
+
+    def get_config(self):
+        return {"criterion": self.base if self.base.get_config() else self.base.name}
+
+
+for _cls in (L.MultiHeadAttention, L.GroupQueryAttention):
+    handlers_lib.register_handler(_cls, AttentionHandler())
+handlers_lib.register_handler(models_lib.ClassTokenPosition, TokenHandler())
+del _cls
