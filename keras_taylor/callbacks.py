@@ -19,6 +19,7 @@ import numpy as np
 from keras_taylor import align as align_lib
 from keras_taylor import criteria as criteria_lib
 from keras_taylor import graph as graph_lib
+from keras_taylor import selection
 from keras_taylor.flops import CostModel, removed_groups_from_gates
 from keras_taylor.gates import gate_layers, is_gated
 from keras_taylor.plan import PruningPlan
@@ -195,7 +196,6 @@ class TaylorPruning(keras.callbacks.Callback):
         self._model_id = id(model)
         self._creating = list(graph.creating_layers().items())
         self._base = self._measure(np.ones(len(graph.comp_of), dtype=bool))
-        self._layer_of_group = self._group_layer_counts(graph)
         self._context = ranking_context(graph, self._scorer, self._cost)
         n = self.channels_per_step
         if n is None:
@@ -222,17 +222,6 @@ class TaylorPruning(keras.callbacks.Callback):
         self.ema = self._scorer.read_ema()
         self._ema_started = np.full(graph.num_groups, counters["events"] > 0)
         self.done = self._fraction(graph.alive_ids(self.removed)) <= self.target
-
-    @staticmethod
-    def _group_layer_counts(graph) -> list:
-        """For each group, `[(layer, channels it holds in that layer's output)]`."""
-        per_group: list = [[] for _ in range(graph.num_groups)]
-        for name, out_map in graph.creating_layers().items():
-            groups = graph.group_of_comp[graph.comp_of[out_map]]
-            uniq, counts = np.unique(groups[groups >= 0], return_counts=True)
-            for g, c in zip(uniq.tolist(), counts.tolist()):
-                per_group[g].append((name, c))
-        return per_group
 
     def _measure(self, alive) -> dict:
         flops, params = self._cost.evaluate(alive)
@@ -317,24 +306,13 @@ class TaylorPruning(keras.callbacks.Callback):
 
         removed = set(self.removed)
         alive = graph.alive_ids(removed)
-        counts = graph.layer_channel_counts(removed)
         ranked = np.asarray(self._scorer.criterion.rank(self.ema, self._context), dtype="float64")
-        order = np.argsort(np.where(np.isfinite(ranked), ranked, np.inf), kind="stable")
-        taken = []
-        for g in order.tolist():
-            if len(taken) >= self._per_step:
-                break
-            if g in removed or not np.isfinite(ranked[g]):
-                continue
-            if any(counts[name] - c < self.min_channels for name, c in self._layer_of_group[g]):
-                continue
-            for name, c in self._layer_of_group[g]:
-                counts[name] -= c
-            removed.add(g)
-            taken.append(g)
-            if self._fraction(graph.alive_ids(removed)) <= self.target:
-                self.done = True
-                break
+        taken, reached = selection.greedy_removal(
+            graph, ranked, removed=removed, min_channels=self.min_channels, limit=self._per_step,
+            stop=lambda r: self._fraction(graph.alive_ids(r)) <= self.target,
+        )
+        removed.update(taken)
+        self.done = self.done or reached
         if not taken and not self.done:
             self.done = True
             logger.warning(

@@ -309,11 +309,8 @@ def group_labels(graph) -> list:
     Returns:
         A list of `graph.num_groups` strings.
     """
-    names: list = [set() for _ in range(graph.num_groups)]
-    for name, out_map in graph.creating_layers().items():
-        groups = graph.group_of_comp[graph.comp_of[out_map]]
-        for g in np.unique(groups[groups >= 0]).tolist():
-            names[g].add(name)
+    index = graph.group_index
+    names: list = [set(index.names[i] for i, _ in index.of_group[g]) for g in range(graph.num_groups)]
     for g, members in enumerate(graph.group_members()):
         if not names[g]:  # no channel-making member (should not happen): its gate sites
             names[g].update(name for name, _ in members)
