@@ -105,15 +105,7 @@ class Pruner:
 
     def rank_to_target(self, scores, target) -> set:
         """Lowest-scored groups first, every layer keeping a channel, until FLOPs <= target."""
-        layers = self._layers
-        kept = layers.kept(np.zeros(self.graph.num_groups, bool))
-        sequence = []
-        for g in np.argsort(scores, kind="stable").tolist():
-            if any(kept[i] - c < 1 for i, c in layers.of_group[g]):
-                continue
-            for i, c in layers.of_group[g]:
-                kept[i] -= c
-            sequence.append(g)
+        sequence, _ = kt.selection.greedy_removal(self.graph, scores, skip_nonfinite=False)
         lo, hi = 0, len(sequence)  # FLOPs fall along the sequence: bisect its length
         if self.flops_fraction(sequence) > target:
             return set(sequence)

@@ -123,20 +123,10 @@ def build(name: str, size: int, seed: int) -> keras.Model:
 def ordered_groups(graph: kt.ChannelGraph, seed: int) -> list:
     """All prunable groups in a random order, leaving out any group whose
     removal (after the ones before it) would leave a Conv/Dense with no channel."""
-    left, holds = {}, [[] for _ in range(graph.num_groups)]
-    for name, out_map in graph.creating_layers().items():
-        groups = graph.group_of_comp[graph.comp_of[out_map]]
-        left[name] = len(groups)
-        uniq, counts = np.unique(groups[groups >= 0], return_counts=True)
-        for g, c in zip(uniq.tolist(), counts.tolist()):
-            holds[g].append((name, c))
-    order = []
-    for g in np.random.default_rng(seed).permutation(graph.num_groups).tolist():
-        if all(left[name] > c for name, c in holds[g]):
-            for name, c in holds[g]:
-                left[name] -= c
-            order.append(g)
-    return order
+    rng = np.random.default_rng(seed)
+    scores = np.empty(graph.num_groups)
+    scores[rng.permutation(graph.num_groups)] = np.arange(graph.num_groups)
+    return kt.selection.greedy_removal(graph, scores)[0]
 
 
 def groups_for_target(graph, cost, order, target: float) -> tuple:

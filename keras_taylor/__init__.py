@@ -15,7 +15,7 @@ References:
 """
 
 from keras_taylor.callbacks import TaylorPruning
-from keras_taylor import attention, criteria, oracle
+from keras_taylor import attention, criteria, oracle, selection
 from keras_taylor.criteria import Criterion, TaylorFOBN
 from keras_taylor.flops import Profile, profile
 from keras_taylor.gates import ChannelGate, add_gates, gate_values, is_gated, strip_gates
@@ -77,6 +77,7 @@ __all__ = [
     "profile",
     "prune",
     "rank_correlations",
+    "selection",
     "register_handler",
     "strip_gates",
 ]

@@ -52,35 +52,9 @@ class LayerAlignment:
     aligned: bool
 
 
-class _Layers:
-    """Per creating layer: width, fixed channels, groups and their counts."""
-
-    def __init__(self, graph: graph_lib.ChannelGraph):
-        self.names = []
-        self.full = []
-        self.fixed = []
-        self.groups = []  # per layer: int array of its groups (unique)
-        self.counts = []  # per layer: channels each of those groups has there
-        of_group: list = [[] for _ in range(graph.num_groups)]  # group -> [(layer, count)]
-        for i, (name, out_map) in enumerate(graph.creating_layers().items()):
-            g = graph.group_of_comp[graph.comp_of[out_map]]
-            uniq, counts = np.unique(g[g >= 0], return_counts=True)
-            self.names.append(name)
-            self.full.append(len(g))
-            self.fixed.append(int(np.count_nonzero(g < 0)))
-            self.groups.append(uniq)
-            self.counts.append(counts)
-            for gg, c in zip(uniq.tolist(), counts.tolist()):
-                of_group[gg].append((i, c))
-        self.of_group = of_group
-        self.full = np.array(self.full, dtype=np.int64)
-        self.fixed = np.array(self.fixed, dtype=np.int64)
-
-    def kept(self, removed: np.ndarray) -> np.ndarray:
-        return np.array(
-            [f + int(c[~removed[g]].sum()) for f, g, c in zip(self.fixed, self.groups, self.counts)],
-            dtype=np.int64,
-        )
+# The group -> (layer, channels) table now lives on the graph; the old name
+# stays for callers (benchmarks) that used it.
+_Layers = graph_lib.GroupIndex
 
 
 def _check_multiple(multiple) -> int:
@@ -125,7 +99,7 @@ def alignment_report(graph: graph_lib.ChannelGraph, removed, multiple: int) -> l
             index out of range.
     """
     multiple = _check_multiple(multiple)
-    layers = _Layers(graph)
+    layers = graph.group_index
     kept = layers.kept(_removed_mask(graph, removed))
     return [
         LayerAlignment(n, int(k), int(w), int(f), _is_aligned(int(k), int(w), multiple))
@@ -302,7 +276,7 @@ def align_removed(
     if multiple == 1 or not mask.any():
         return set(np.flatnonzero(mask).tolist())
 
-    layers = _Layers(graph)
+    layers = graph.group_index
     state = _State(layers, mask, int(min_channels))
     orders = [_sorted_groups(layers, i, scores) for i in range(len(layers.names))]
     balance = 0  # channels restored minus channels removed, over this call
@@ -437,20 +411,11 @@ def align_to_target(
     if fraction(result) <= target:
         return result
     # The groups the ranking would take next, in order.
-    layers = _Layers(graph)
+    from keras_taylor import selection
+
     order_scores = np.asarray(scores, dtype=np.float64)
     order_scores = np.where(np.isfinite(order_scores), order_scores, -np.inf)
-    mask = _removed_mask(graph, base)
-    kept = layers.kept(mask)
-    for g in np.lexsort((np.arange(graph.num_groups), order_scores)).tolist():
-        if mask[g]:
-            continue
-        hits = layers.of_group[g]
-        if any(kept[i] - c < min_channels for i, c in hits):
-            continue
-        for i, c in hits:
-            kept[i] -= c
-        extra.append(g)
+    extra, _ = selection.greedy_removal(graph, order_scores, removed=base, min_channels=min_channels, skip_nonfinite=False)
     if not extra:
         return result
     lo, hi = 0, 1  # fraction(aligned_with(lo)) > target

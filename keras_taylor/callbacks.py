@@ -22,6 +22,7 @@ from keras_taylor import align as align_lib
 from keras_taylor import criteria as criteria_lib
 from keras_taylor import graph as graph_lib
 from keras_taylor import flops as flops_lib
+from keras_taylor import selection
 from keras_taylor.flops import CostModel, removed_groups_from_gates
 from keras_taylor import gates as gates_lib
 from keras_taylor.gates import METRICS as _METRICS
@@ -242,7 +243,6 @@ class TaylorPruning(keras.callbacks.Callback):
         self._scorer = TaylorScorer(model, graph, self.criterion)
         self._model_id = id(model)
         self._creating = list(graph.creating_layers().items())
-        self._layer_of_group = self._group_layer_counts(graph)
         self._cost = None
         if not flops_lib.is_dynamic(graph):
             self._init_costs(graph)
@@ -367,17 +367,6 @@ class TaylorPruning(keras.callbacks.Callback):
             }
             self.done = self._fraction(graph.alive_ids(self.removed)) <= self.target
 
-    @staticmethod
-    def _group_layer_counts(graph) -> list:
-        """For each group, `[(layer, channels it holds in that layer's output)]`."""
-        per_group: list = [[] for _ in range(graph.num_groups)]
-        for name, out_map in graph.creating_layers().items():
-            groups = graph.group_of_comp[graph.comp_of[out_map]]
-            uniq, counts = np.unique(groups[groups >= 0], return_counts=True)
-            for g, c in zip(uniq.tolist(), counts.tolist()):
-                per_group[g].append((name, c))
-        return per_group
-
     def _measure(self, alive) -> dict:
         flops, params = self._cost.evaluate(alive)
         channels = sum(int(np.count_nonzero(alive[m])) for _, m in self._creating)
@@ -489,24 +478,13 @@ class TaylorPruning(keras.callbacks.Callback):
 
         removed = set(self.removed)
         alive = graph.alive_ids(removed)
-        counts = graph.layer_channel_counts(removed)
         ranked = np.asarray(self._scorer.criterion.rank(self.ema, self._context), dtype="float64")
-        order = np.argsort(np.where(np.isfinite(ranked), ranked, np.inf), kind="stable")
-        taken = []
-        for g in order.tolist():
-            if len(taken) >= self._per_step:
-                break
-            if g in removed or not np.isfinite(ranked[g]):
-                continue
-            if any(counts[name] - c < self.min_channels for name, c in self._layer_of_group[g]):
-                continue
-            for name, c in self._layer_of_group[g]:
-                counts[name] -= c
-            removed.add(g)
-            taken.append(g)
-            if self._fraction(graph.alive_ids(removed)) <= self.target:
-                self.done = True
-                break
+        taken, reached = selection.greedy_removal(
+            graph, ranked, removed=removed, min_channels=self.min_channels, limit=self._per_step,
+            stop=lambda r: self._fraction(graph.alive_ids(r)) <= self.target,
+        )
+        removed.update(taken)
+        self.done = self.done or reached
         if not taken and not self.done:
             self.done = True
             logger.warning(

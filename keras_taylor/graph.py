@@ -215,6 +215,52 @@ class _UnionFind(AnalysisContext):
         self.fixed.append((np.asarray(ids), reason))
 
 
+class GroupIndex:
+    """The group -> (layer, channels) table of a `ChannelGraph`, both ways.
+
+    One row per channel-creating layer (Conv, Dense, SeparableConv,
+    ConvTranspose: `ChannelGraph.creating_layers`, topological order).
+
+    Attributes:
+        names: the creating layers' names.
+        full: each layer's output channels before pruning (int array).
+        fixed: each layer's output channels that can never be removed.
+        groups: per layer, the groups it holds (sorted int array).
+        counts: per layer, how many of its output channels each of those
+            groups holds (a grouped conv ties channel `j` of every group, so
+            one group can hold several channels of one layer).
+        of_group: per group, `[(layer row, channels)]` of the layers it holds
+            channels of (several for a residual stream or a depthwise tie).
+    """
+
+    def __init__(self, graph: "ChannelGraph"):
+        self.names, full, fixed, self.groups, self.counts = [], [], [], [], []
+        self.of_group: list = [[] for _ in range(graph.num_groups)]
+        for i, (name, out_map) in enumerate(graph.creating_layers().items()):
+            g = graph.group_of_comp[graph.comp_of[out_map]]
+            uniq, counts = np.unique(g[g >= 0], return_counts=True)
+            self.names.append(name)
+            full.append(len(g))
+            fixed.append(int(np.count_nonzero(g < 0)))
+            self.groups.append(uniq)
+            self.counts.append(counts)
+            for gg, c in zip(uniq.tolist(), counts.tolist()):
+                self.of_group[gg].append((i, c))
+        self.full = np.array(full, dtype=np.int64)
+        self.fixed = np.array(fixed, dtype=np.int64)
+
+    def kept(self, removed: np.ndarray) -> np.ndarray:
+        """Live output channels of every layer, for a boolean mask of removed groups."""
+        return np.array(
+            [f + int(c[~removed[g]].sum()) for f, g, c in zip(self.fixed, self.groups, self.counts)],
+            dtype=np.int64,
+        )
+
+    def layer_counts(self, group: int) -> list:
+        """`[(layer name, channels)]` that `group` holds."""
+        return [(self.names[i], c) for i, c in self.of_group[group]]
+
+
 @dataclass
 class ChannelGraph:
     """The channel structure of a model: components (groups) and gate sites.
@@ -276,6 +322,19 @@ class ChannelGraph:
                 out[n.name] = n.gate_map
         return out
 
+    @property
+    def group_index(self) -> GroupIndex:
+        """The group -> (layer, channels) table (`GroupIndex`), built once.
+
+        A plain per-instance cache, not `functools.cached_property`: that one
+        takes a class-wide lock in Python 3.11, which deadlocked
+        `MirroredStrategy` replica threads (see scoring.py).
+        """
+        index = self.__dict__.get("_group_index")
+        if index is None:
+            index = self.__dict__["_group_index"] = GroupIndex(self)
+        return index
+
     def layer_channel_counts(self, removed_groups=()) -> dict:
         """Live output channels of every channel-creating layer."""
         alive = self.alive_ids(removed_groups)
@@ -293,11 +352,8 @@ class ChannelGraph:
         Returns:
             A list of `num_groups` strings.
         """
-        names: list = [set() for _ in range(self.num_groups)]
-        for name, out_map in self.creating_layers().items():
-            groups = self.group_of_comp[self.comp_of[out_map]]
-            for g in np.unique(groups[groups >= 0]).tolist():
-                names[g].add(name)
+        index = self.group_index
+        names: list = [{index.names[i] for i, _ in index.of_group[g]} for g in range(self.num_groups)]
         for g, members in enumerate(self.group_members()):
             if not names[g]:
                 names[g].update(name for name, _ in members)

@@ -62,25 +62,11 @@ def lively_statistics(model, seed=0):
 
 def random_groups(graph, fraction, rng) -> set:
     """A random `fraction` of `graph`'s groups, drawn so that every
-    channel-making layer keeps at least one channel."""
-    left = {}  # layer -> live channels
-    holds: list = [[] for _ in range(graph.num_groups)]  # group -> [(layer, channels)]
-    for name, out_map in graph.creating_layers().items():
-        groups = graph.group_of_comp[graph.comp_of[out_map]]
-        left[name] = len(groups)
-        uniq, counts = np.unique(groups[groups >= 0], return_counts=True)
-        for g, c in zip(uniq.tolist(), counts.tolist()):
-            holds[g].append((name, c))
-    want = max(1, int(fraction * graph.num_groups))
-    removed = set()
-    for g in rng.permutation(graph.num_groups).tolist():
-        if len(removed) >= want:
-            break
-        if all(left[name] > c for name, c in holds[g]):
-            for name, c in holds[g]:
-                left[name] -= c
-            removed.add(g)
-    return removed
+    channel-making layer keeps at least one channel
+    (`keras_taylor.selection.random_removal`)."""
+    from keras_taylor.selection import random_removal
+
+    return random_removal(graph, fraction, rng)
 
 
 def prune_application(fn, size=None, seed=0, fraction=0.3) -> dict:
