@@ -14,39 +14,49 @@ References:
     CVPR 2019.
 """
 
-from keras_taylor.callbacks import TaylorPruning
-from keras_taylor import attention, criteria, oracle, selection
+from keras_taylor import attention, criteria, selection
 from keras_taylor.criteria import Criterion, TaylorFOBN
 from keras_taylor.flops import Profile, profile
 from keras_taylor.gates import ChannelGate, add_gates, gate_values, is_gated, strip_gates
 from keras_taylor.graph import ChannelGraph, analyze
 from keras_taylor.handlers import Cost, LayerHandler, register_handler
 from keras_taylor.plan import PruningPlan
-from keras_taylor.scoring import TaylorScorer
 from keras_taylor.surgery import apply_plan, prune
 from keras_taylor.nesting import inline_nested_models
-from keras_taylor.monitor import PruningTensorBoard, plot_channels, plot_history
-from keras_taylor.oracle import oracle_deltas, plot_correlations, rank_correlations
+from keras_taylor.plotting import plot_channels, plot_history
 
 __version__ = "0.1.0"
 
-# Submodules loaded on first use (`keras_taylor.export.export_saved_model`):
-# they need TensorFlow or optional packages, which `import keras_taylor` does not.
-_LAZY_SUBMODULES = ("export",)
+# Loaded on first use: these need TensorFlow (the scoring train step, the
+# oracle, TensorBoard summaries, the exporters), which `import keras_taylor`
+# does not, so that analysis, plans and surgery work with any Keras backend.
+_LAZY = {
+    "TaylorPruning": "keras_taylor.callbacks",
+    "TaylorScorer": "keras_taylor.scoring",
+    "PruningTensorBoard": "keras_taylor.monitor",
+    "oracle_deltas": "keras_taylor.oracle",
+    "plot_correlations": "keras_taylor.oracle",
+    "rank_correlations": "keras_taylor.oracle",
+}
+_LAZY_SUBMODULES = ("export", "oracle", "monitor", "scoring", "callbacks", "latency")
 
 
 def __getattr__(name):
-    if name in _LAZY_SUBMODULES:
-        import importlib
+    import importlib
 
-        module = importlib.import_module(f"keras_taylor.{name}")
-        globals()[name] = module
-        return module
-    raise AttributeError(f"module 'keras_taylor' has no attribute {name!r}")
+    if name in _LAZY_SUBMODULES:
+        value = importlib.import_module(f"keras_taylor.{name}")
+    elif name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+    else:
+        raise AttributeError(f"module 'keras_taylor' has no attribute {name!r}")
+    globals()[name] = value
+    return value
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_LAZY_SUBMODULES))
+    return sorted(set(globals()) | set(_LAZY) | set(_LAZY_SUBMODULES))
+
 
 __all__ = [
     "ChannelGate",

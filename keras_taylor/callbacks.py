@@ -584,3 +584,16 @@ class TaylorPruning(keras.callbacks.Callback):
             "history": list(self.history),
             "plan": None if self._graph is None else self.plan.to_dict(),
         }
+
+    # ---- read-only views ----------------------------------------------------------------
+    @property
+    def graph(self):
+        """The `ChannelGraph` of the model being pruned (`None` before `fit`)."""
+        return self._graph
+
+    @property
+    def scorer(self) -> TaylorScorer | None:
+        """The `TaylorScorer` that accumulates the channel scores in the train
+        step (`None` before `fit`): `scorer.read()`, `scorer.read_ema()`,
+        `scorer.counters()`, `scorer.steps`."""
+        return self._scorer

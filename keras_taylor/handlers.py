@@ -850,8 +850,9 @@ def get_handler(layer) -> LayerHandler | None:
     for cls, handler in _REGISTRY:
         if isinstance(layer, cls):
             # Exact Conv classes only: transposed/depthwise/separable convs
-            # subclass BaseConv with other weight layouts.
-            if isinstance(handler, ConvHandler) and type(layer) not in _PLAIN_CONVS:
+            # subclass BaseConv with other weight layouts. A ConvHandler
+            # registered for the layer's own class applies.
+            if isinstance(handler, ConvHandler) and type(layer) not in _PLAIN_CONVS and cls is not type(layer):
                 continue
             return handler
     return None

@@ -12,10 +12,12 @@ from typing import Mapping
 
 import keras
 import numpy as np
-import tensorflow as tf
+
+from keras_taylor import _compat
 
 
 def _compiled_forward(model: keras.Model):
+    tf = _compat.import_tensorflow("keras_taylor.latency.measure_latency")
     return tf.function(lambda x: model(x, training=False), reduce_retracing=True)
 
 
@@ -71,7 +73,7 @@ def measure_latency(
         raise ValueError(f"Expected reference in {names}. Received: reference={reference!r}")
     rng = np.random.default_rng(seed)
     shape = tuple(models[names[0]].inputs[0].shape[1:])
-    x = tf.constant(rng.uniform(0, 1, (batch_size, *shape)).astype("float32"))
+    x = keras.ops.convert_to_tensor(rng.uniform(0, 1, (batch_size, *shape)).astype("float32"))
     fns = {n: _compiled_forward(m) for n, m in models.items()}
     for n in names:
         for _ in range(warmup):

@@ -19,13 +19,14 @@ import contextlib
 
 import keras
 import numpy as np
-import tensorflow as tf
 from keras import ops
 
 from keras_taylor import _compat
 from keras_taylor import criteria as criteria_lib
 from keras_taylor.gates import COUNTERS, gate_layers, recording_outputs
 from keras_taylor.graph import ChannelGraph
+
+tf = _compat.import_tensorflow("keras_taylor.TaylorPruning (its scoring train step, keras_taylor.scoring)")
 
 
 def _replica_sum(x):

@@ -125,7 +125,7 @@ def score_run(base, strategy, x, y, lr, loss_scale=None, criterion="taylor_fo_bn
         gated.compile(optimizer=optimizer, loss=LOSS)
     pruner = kt.TaylorPruning(target=0.5, prune_every=10_000, criterion=criterion)
     hist = gated.fit(x, y, batch_size=GLOBAL_BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[pruner])
-    scores, steps = pruner._scorer.read()
+    scores, steps = pruner.scorer.read()
     return gated, scores, steps, hist.history["loss"]
 
 

@@ -34,7 +34,7 @@ def test_accumulated_score_equals_independent_tape(spe, jit):
     gated.compile(optimizer=keras.optimizers.SGD(0.0), loss=LOSS, steps_per_execution=spe, jit_compile=jit)
     pruner = kt.TaylorPruning(target=0.5, prune_every=10_000)
     gated.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[pruner])
-    scores, steps = pruner._scorer.read()
+    scores, steps = pruner.scorer.read()
     assert steps == 6
     graph = kt.analyze(gated)
     ref = reference_scores(gated, graph, x, y, 8)
@@ -111,7 +111,7 @@ def test_iterative_pruning_reaches_target_and_pruned_stay_zero(caplog):
     assert state["done"] and len(state["removed_groups"]) == len(pruner.removed)
     # After pruning finished, fit runs the model's own train function again.
     assert "train_step" not in vars(gated)
-    assert gated.train_function is not pruner._scorer._scoring_function
+    assert gated.train_function is not pruner.scorer._scoring_function
 
 
 def test_ema_and_global_ranking():
@@ -122,20 +122,20 @@ def test_ema_and_global_ranking():
     pruner = kt.TaylorPruning(target=0.01, prune_every=1, channels_per_step=1, momentum=0.9)
     pruner.set_model(gated)
     pruner._setup()
-    n = pruner._graph.num_groups
+    n = pruner.graph.num_groups
     first = np.linspace(1.0, 2.0, n)
     first[7] = 0.01  # the global minimum, wherever its layer is
-    pruner._scorer.write_window(first, 1.0)
+    pruner.scorer.write_window(first, 1.0)
     pruner._prune_step()
     assert pruner.removed == [7]
     second = np.full(n, 10.0)
     second[3] = 0.0
-    pruner._scorer.write_window(second, 1.0)
+    pruner.scorer.write_window(second, 1.0)
     pruner._prune_step()
     expected = 0.9 * first + 0.1 * second
     np.testing.assert_allclose(pruner.ema, expected, rtol=1e-6)
     # The EMA is stored in the gates (float32) and reads back the same.
-    np.testing.assert_allclose(pruner._scorer.read_ema(), expected, rtol=1e-6)
+    np.testing.assert_allclose(pruner.scorer.read_ema(), expected, rtol=1e-6)
     assert pruner.removed == [7, int(np.argmin(np.where(np.arange(n) == 7, np.inf, expected)))]
 
 
@@ -190,14 +190,14 @@ def test_scoring_function_is_reused_across_fits_and_rebuilt_on_recompile():
     pruner = kt.TaylorPruning(target=0.5, prune_every=10_000)
     x, y = data(16)
     gated.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[pruner])
-    first = pruner._scorer._scoring_function
+    first = pruner.scorer._scoring_function
     gated.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[pruner])
-    assert pruner._scorer._scoring_function is first
-    assert float(pruner._scorer.steps.numpy()) == 4
+    assert pruner.scorer._scoring_function is first
+    assert float(pruner.scorer.steps.numpy()) == 4
     gated.compile(optimizer="adam", loss=LOSS)
     gated.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[pruner])
-    assert pruner._scorer._scoring_function is not first
-    assert float(pruner._scorer.steps.numpy()) == 6
+    assert pruner.scorer._scoring_function is not first
+    assert float(pruner.scorer.steps.numpy()) == 6
 
 
 def test_loss_scaling_is_undone():
@@ -209,7 +209,7 @@ def test_loss_scaling_is_undone():
         gated.compile(optimizer=opt, loss=LOSS)
         pruner = kt.TaylorPruning(target=0.5, prune_every=10_000)
         gated.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[pruner])
-        scores.append(pruner._scorer.read()[0])
+        scores.append(pruner.scorer.read()[0])
     assert rel_err(scores[1], scores[0]) <= 1e-5
 
 
@@ -226,5 +226,5 @@ def test_non_finite_batches_warn_once_and_never_reach_the_ranking(caplog):
         gated.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0, callbacks=[pruner])
     warnings = [r for r in caplog.records if "NaN/Inf" in r.getMessage()]
     assert len(warnings) == 1
-    assert pruner._scorer.counters()["skipped"] == 2
+    assert pruner.scorer.counters()["skipped"] == 2
     assert pruner.history and np.all(np.isfinite(pruner.ema))

@@ -161,7 +161,7 @@ def fit_scores(model_name, criterion, steps=2, jit=False, seed=0):
     refs = [reference(gated, graph, x[i : i + BATCH], y[i : i + BATCH]) for i in range(0, len(x), BATCH)]
     pruner = kt.TaylorPruning(target=0.5, prune_every=10_000, criterion=criterion)
     gated.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[pruner])
-    scores, n = pruner._scorer.read()
+    scores, n = pruner.scorer.read()
     assert n == steps
     ref = np.mean([r[criterion if isinstance(criterion, str) else criterion.name] for r in refs], axis=0)
     return scores, ref, refs, graph

@@ -170,3 +170,119 @@ def test_export_is_an_attribute_of_the_package():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("ok")
+
+
+# ---- keras_taylor without TensorFlow --------------------------------------------
+
+def _third_party_module_level(path) -> set:
+    """Top-level names of the modules `path` imports at module level."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names = set()
+
+    def visit(node):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                continue
+            if isinstance(child, ast.Import):
+                names.update(a.name.split(".")[0] for a in child.names)
+            elif isinstance(child, ast.ImportFrom) and not child.level and child.module:
+                names.add(child.module.split(".")[0])
+            visit(child)
+
+    visit(tree)
+    return names
+
+
+def test_import_keras_taylor_does_not_import_tensorflow_modules():
+    # Every module `import keras_taylor` loads (its module-level closure)
+    # imports TensorFlow only inside functions (or through
+    # `_compat.import_tensorflow`, which says what needs it).
+    modules = _modules()
+    module_level, _ = import_graph()
+    closure, todo = set(), [PACKAGE]
+    while todo:
+        m = todo.pop()
+        if m not in closure:
+            closure.add(m)
+            todo.extend(module_level[m])
+    assert {"keras_taylor.gates", "keras_taylor.surgery", "keras_taylor.plotting"} <= closure
+    for lazy in ("keras_taylor.scoring", "keras_taylor.callbacks", "keras_taylor.oracle", "keras_taylor.export"):
+        assert lazy not in closure
+    offenders = {m for m in closure if "tensorflow" in _third_party_module_level(modules[m])}
+    assert not offenders, f"modules loaded by `import keras_taylor` import TensorFlow: {sorted(offenders)}"
+
+
+def test_missing_tensorflow_message(monkeypatch):
+    import keras_taylor as kt
+
+    # `import tensorflow` now raises ImportError; drop the loaded modules that
+    # need it so that they are imported again (monkeypatch restores them).
+    for name in ("TaylorPruning", "callbacks", "scoring", "oracle"):
+        monkeypatch.delattr(kt, name, raising=False)  # (hasattr loads it first)
+    for name in ("keras_taylor.callbacks", "keras_taylor.scoring", "keras_taylor.oracle"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setitem(sys.modules, "tensorflow", None)
+    with pytest.raises(ImportError, match=r"keras_taylor\.TaylorPruning .*needs TensorFlow.*keras_taylor\[tf\]"):
+        kt.TaylorPruning
+    with pytest.raises(ImportError, match=r"keras_taylor\.oracle .*needs TensorFlow"):
+        kt.oracle
+    assert kt.profile is not None  # the rest of the package is unaffected
+
+
+_BLOCK_TENSORFLOW = """
+import sys
+
+class _Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "tensorflow" or name.startswith("tensorflow."):
+            raise ImportError(f"No module named {name!r} (blocked by the test)")
+        return None
+
+sys.meta_path.insert(0, _Block())
+"""
+
+
+def _other_backend():
+    """A Keras backend other than TensorFlow that imports here, or None."""
+    for backend in ("jax", "torch", "numpy"):
+        result = _run(_BLOCK_TENSORFLOW + "import keras\n", {"KERAS_BACKEND": backend})
+        if result.returncode == 0:
+            return backend
+    return None
+
+
+def test_import_without_tensorflow_on_another_backend():
+    backend = _other_backend()
+    if backend is None:
+        # Keras 3.15's numpy backend imports jax (for fft), so without jax or
+        # torch no backend but TensorFlow loads; the static test above and
+        # test_missing_tensorflow_message still cover the package.
+        pytest.skip("no Keras backend other than TensorFlow can be imported here (numpy needs jax)")
+    result = _run(
+        _BLOCK_TENSORFLOW
+        + textwrap.dedent(
+            """
+            import keras
+            import keras_taylor as kt
+            assert "tensorflow" not in sys.modules
+            inputs = keras.Input((8, 8, 3))
+            x = keras.layers.Conv2D(4, 3)(inputs)
+            x = keras.layers.BatchNormalization()(x)
+            x = keras.layers.ReLU()(x)
+            x = keras.layers.GlobalAveragePooling2D()(x)
+            model = keras.Model(inputs, keras.layers.Dense(2)(x))
+            assert kt.analyze(model).num_groups == 4
+            assert kt.profile(model).params == model.count_params()
+            try:
+                kt.TaylorPruning
+            except ImportError as err:
+                assert "needs TensorFlow" in str(err), err
+            else:
+                raise AssertionError("TaylorPruning loaded without TensorFlow")
+            print("ok")
+            """
+        ),
+        {"KERAS_BACKEND": backend},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok")

@@ -91,7 +91,7 @@ def test_pruning_state_is_o_channels():
     with _Recorder() as rec:  # callback setup, install, trace and 4 scored minibatches
         gated.fit(x, y, batch_size=BATCH, epochs=2, verbose=0, callbacks=[pruner])
 
-    scorer = pruner._scorer
+    scorer = pruner.scorer
     gates = kt.gates.gate_layers(gated)
     groups = scorer.num_groups
     channels = sum(int(g.gate.shape[0]) for g in gates)

@@ -111,7 +111,7 @@ class Recorder(keras.callbacks.Callback):
         self.scale_before.append(loss_scale(self.model.optimizer))
 
     def on_train_batch_end(self, batch, logs=None):
-        steps = float(keras.ops.convert_to_numpy(self.pruner._scorer.steps))
+        steps = float(keras.ops.convert_to_numpy(self.pruner.scorer.steps))
         self.counted.append(steps > self._last)
         self._last = steps
         self.scale_after.append(loss_scale(self.model.optimizer))
@@ -165,7 +165,7 @@ def fit_scoring(gated, x, y, batch, loss_fn, optimizer=None):
     rec = Recorder(pruner)
     gated.fit(x, y, batch_size=batch, epochs=1, shuffle=False, verbose=0, callbacks=[pruner, rec])
     assert pruner.history == [] and pruner.removed == []
-    return pruner._scorer, rec
+    return pruner.scorer, rec
 
 
 def accumulator_variables(scorer):

@@ -117,7 +117,7 @@ def test_keras_file_round_trip_mid_pruning_continues(uninterrupted, tmp_path):
 def test_state_lives_in_the_gates(uninterrupted):
     """What makes both resumes work: the counters and EMA are model variables."""
     _, full = uninterrupted
-    counters = full._scorer.counters()
+    counters = full.scorer.counters()
     assert counters["events"] == len(full.history)
     assert counters["last_event"] == full.history[-1]["step"]
-    np.testing.assert_allclose(full._scorer.read_ema(), full.ema, rtol=1e-6)
+    np.testing.assert_allclose(full.scorer.read_ema(), full.ema, rtol=1e-6)
