@@ -310,12 +310,12 @@ def analyze(model: keras.Model, on_unknown: str = "error") -> ChannelGraph:
     if on_unknown not in _ON_UNKNOWN:
         raise ValueError(f"Expected on_unknown in {_ON_UNKNOWN}. Received: on_unknown={on_unknown!r}")
     model = nesting.inline_nested_models(model)  # analyse sub-models' layers in place
-    _refuse_quantized(model)
     uf = _UnionFind()
     maps: dict = {}  # id(KerasTensor) -> channel map
     axes: dict = {}  # id(KerasTensor) -> channel axis (None: one channel)
     consumers: dict = {}  # id(KerasTensor) -> [layer names]
     inputs, outputs = _compat.graph_inputs_outputs(model)
+    _refuse_quantized(model)
     calls = list(_compat.nodes_in_order(model))
     input_axes = _input_axes(inputs, calls)
     for t in inputs:
