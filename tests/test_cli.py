@@ -168,7 +168,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_ratio_shows_enough_digits_to_differ_from_the_target():
-    assert cli._ratio(0.50028, 0.5) == "0.50028"
+    assert cli._ratio(0.50028, 0.5) == "0.5003"  # not "0.500" next to a target of 0.5
+    assert cli._ratio(0.500004, 0.5) == "0.500004"
     assert cli._ratio(0.5, 0.5) == "0.500"
     assert cli._ratio(0.4991, 0.5) == "0.499"
     assert cli._ratio(0.331) == "0.331"
