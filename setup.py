@@ -7,6 +7,7 @@ setup(
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["keras_taylor", "keras_taylor.*"]),
+    py_modules=["keras_taylor_cli"],  # the console script: answers --help without importing TensorFlow
     python_requires=">=3.10",
     install_requires=[
         "keras>=3.10",
@@ -32,7 +33,7 @@ setup(
             "regex", "tokenizers", "sentencepiece", "kagglehub",  # the "hub" extra; keras-hub: .ci/setup.sh
         ],
     },
-    entry_points={"console_scripts": ["keras-taylor = keras_taylor.cli:main"]},
+    entry_points={"console_scripts": ["keras-taylor = keras_taylor_cli:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",

@@ -3,8 +3,8 @@
 Typical use::
 
     gated = keras_taylor.add_gates(model)
-    gated.compile(...)
-    gated.fit(data, epochs=..., callbacks=[keras_taylor.TaylorPruning(target=0.5)])
+    gated.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    gated.fit(data, epochs=4, callbacks=[keras_taylor.TaylorPruning(target=0.5)])
     small = keras_taylor.prune(gated)      # stock Keras layers, filters removed
 
 References:

@@ -249,8 +249,9 @@ def align_removed(
 
     ```python
     graph = keras_taylor.analyze(gated)
-    aligned = align_removed(graph, pruner.removed, pruner.ema, 8)
-    small = keras_taylor.apply_plan(gated, PruningPlan.from_groups(graph, aligned))
+    aligned = keras_taylor.align.align_removed(graph, pruner.removed, pruner.ema, 8)
+    plan = keras_taylor.PruningPlan.from_groups(graph, aligned)
+    small = keras_taylor.apply_plan(gated, plan)
     ```
 
     References:

@@ -380,6 +380,7 @@ class TaylorPruning(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         self._setup()
         self._synced = False
+        self._recorded = False
         if not self.done:
             self._scorer.install()
             self._installed = True
@@ -390,7 +391,6 @@ class TaylorPruning(keras.callbacks.Callback):
             # After every callback's on_train_begin: BackupAndRestore may have
             # just restored the weights, and with them the pruning state.
             self._load_state()
-            gates_lib.record_run(self.model, self.target, self.metric)
             self._synced = True
             if self.done:
                 self._uninstall()
@@ -401,6 +401,11 @@ class TaylorPruning(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         self._step = self._epoch_base + int(batch) + 1
+        if not self._recorded:
+            # The run's target goes into the gates with the first minibatch
+            # (a fit that fails before training leaves the model as it was).
+            gates_lib.record_run(self.model, self.target, self.metric)
+            self._recorded = True
         if self._cost is None:
             self._size_from_data()
             if self.done:

@@ -3,13 +3,26 @@
     keras-taylor report MODEL.keras [--json] [--all]
     keras-taylor prune MODEL.keras --data fashion_mnist|DATA.npz --target-flops 0.5 --epochs 4
     keras-taylor export MODEL.keras --format saved_model|tflite|onnx [--output PATH]
+                 [--tflite-quantization float16|int8 --data DATA.npz]
 
 Also runs as `python -m keras_taylor.cli` or `python -m keras_taylor`.
 
+Every command takes `--unsafe` to load a `.keras` file holding a `Lambda`
+layer with Python code (Keras refuses such files by default: pass it only for
+files you trust); `report` and `prune` take `--on-unknown freeze|error` for
+layers keras_taylor has no handler for.
+
+This module imports only the standard library at import time: arguments are
+parsed (and `--help` answered) before Keras and TensorFlow are imported, and
+TensorFlow's start-up log lines are silenced. The `keras-taylor` console
+script (`keras_taylor_cli.main`) loads this file without importing the
+package first, so `keras-taylor --help` does not import TensorFlow at all.
+
 Exit status: 0 on success; 2 for bad input (usage errors, a missing or
-unreadable model file, a model or data set the command cannot work with); 1
-when `prune` finished without reaching its target (the outputs are still
-written). Errors are one message on stderr, without a traceback.
+unreadable model file, a model or data set the command cannot work with, an
+output that exists without `--force`); 1 when `prune` finished without
+reaching its target (the outputs are still written) or an export failed its
+check. Errors are one message on stderr, without a traceback.
 """
 
 from __future__ import annotations
@@ -92,21 +105,33 @@ def _check_model_file(path: str) -> None:
         )
 
 
-def _load_model(path: str):
-    """Loads a model file with keras_taylor's layers registered."""
-    _check_model_file(path)
-    import keras  # keras_taylor, imported with this module, registers ChannelGate
+def _load_model(path: str, unsafe: bool = False):
+    """Loads a model file with keras_taylor's layers registered.
 
+    `unsafe=True` lets Keras deserialize `Lambda` layers holding Python code
+    (`safe_mode=False`): only for files the user trusts.
+    """
+    _check_model_file(path)
+    import keras
+
+    import keras_taylor  # noqa: F401  (registers ChannelGate for gated models)
+
+    safe_mode = not unsafe
     try:
         with warnings.catch_warnings():
             # A compiled model saved before training warns that its (unbuilt)
             # optimizer has no variables to load; the CLI never reuses them.
             warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
-            model = keras.saving.load_model(path)
+            model = keras.saving.load_model(path, safe_mode=safe_mode)
     except Exception as first:  # noqa: BLE001  (a bad file raises many types)
+        if safe_mode and "safe_mode" in str(first):
+            raise CLIError(
+                f"{path!r} holds a Lambda layer with Python code, which Keras does not load by "
+                "default (it could run arbitrary code). If you trust the file, pass --unsafe"
+            ) from first
         try:
             # The training config (optimizer, loss) may be what fails.
-            model = keras.saving.load_model(path, compile=False)
+            model = keras.saving.load_model(path, compile=False, safe_mode=safe_mode)
         except Exception as e:  # noqa: BLE001
             raise CLIError(f"could not load {path!r} as a Keras model: {_one_line(e)}") from e
         _warn(f"loaded {path!r} without its training config, which failed to load: {_one_line(first)}")
@@ -120,31 +145,41 @@ def _one_line(e: BaseException) -> str:
     return " ".join(text.split())
 
 
-def _analyze(model, what: str):
-    """`kt.analyze(model, on_unknown="freeze")`, its ValueErrors as CLIErrors."""
+def _analyze(model, what: str, on_unknown: str = "freeze"):
+    """`kt.analyze(model, on_unknown=...)`, its ValueErrors as CLIErrors."""
     import keras_taylor as kt
 
     try:
-        return kt.analyze(model, on_unknown="freeze")
+        return kt.analyze(model, on_unknown=on_unknown)
     except ValueError as e:
-        raise CLIError(f"cannot {what} model {model.name!r}: {_one_line(e)}") from e
+        hint = " (or pass --on-unknown freeze)" if on_unknown == "error" and "on_unknown='freeze'" in str(e) else ""
+        raise CLIError(f"cannot {what} model {model.name!r}: {_one_line(e)}{hint}") from e
 
 
 def _layer_rows(model, graph, prof) -> list:
-    """One dict per layer (first call), in graph order."""
+    """One dict per layer (first call), in graph order.
+
+    For a gated model, channels whose gate is 0 are left out of
+    `output_channels` and `prunable_groups`, as they are of the MACs."""
+    import keras_taylor as kt
+    from keras_taylor.flops import removed_groups_from_gates
+
+    removed = removed_groups_from_gates(model, graph) if kt.is_gated(model) else set()
+    alive = graph.alive_ids(removed)
     counts = prof.by_name()
     rows, seen = [], set()
     for node in graph.nodes:
         if node.name in seen:
             continue
         seen.add(node.name)
-        groups = graph.group_of_comp[graph.comp_of[node.out_maps[0]]] if node.out_maps else []
+        live = node.out_maps[0][alive[node.out_maps[0]]] if node.out_maps else []
+        groups = graph.group_of_comp[graph.comp_of[live]] if node.out_maps else []
         cost = counts.get(node.name)
         rows.append(
             {
                 "name": node.name,
                 "class": type(node.inner).__name__,
-                "output_channels": int(len(node.out_maps[0])) if node.out_maps else 0,
+                "output_channels": int(len(live)),
                 "prunable_groups": int(len(set(int(g) for g in groups if g >= 0))),
                 "macs": int(cost.flops) if cost else 0,
                 "params": int(cost.params) if cost else 0,
@@ -165,16 +200,21 @@ def _format_table(head, rows, left=2) -> str:
 
 
 def cmd_report(args) -> int:
-    model = _load_model(args.model)
+    model = _load_model(args.model, args.unsafe)
     import keras_taylor as kt
 
-    graph = _analyze(model, "analyse")
+    graph = _analyze(model, "analyse", args.on_unknown)
     try:
         prof = kt.profile(model)
     except ValueError as e:
         raise CLIError(f"cannot profile model {model.name!r}: {_one_line(e)}") from e
     rows = _layer_rows(model, graph, prof)
     gated = kt.is_gated(model)
+    live_groups = None
+    if gated:
+        from keras_taylor.flops import removed_groups_from_gates
+
+        live_groups = graph.num_groups - len(removed_groups_from_gates(model, graph))
     result = {
         "model": model.name,
         "path": args.model,
@@ -183,7 +223,7 @@ def cmd_report(args) -> int:
         "totals": {
             "flops": prof.flops,  # FLOPs = multiply-accumulates of Conv/Dense layers
             "params": prof.params,
-            "prunable_groups": int(graph.num_groups),
+            "prunable_groups": int(graph.num_groups if live_groups is None else live_groups),
             "gate_sites": len(graph.gate_sites),
         },
         "frozen_layers": list(graph.unknown_layers),
@@ -197,13 +237,15 @@ def cmd_report(args) -> int:
         (r["name"], r["class"], f"{r['output_channels']:,}", f"{r['prunable_groups']:,}", f"{r['macs']:,}", f"{r['params']:,}")
         for r in shown
     ]
-    table.append(("total", "", "", f"{graph.num_groups:,}", f"{prof.flops:,}", f"{prof.params:,}"))
-    _say(f"Model {model.name!r} ({args.model})" + (", gated: counts leave out channels gated off" if gated else ""))
+    groups_total = graph.num_groups if live_groups is None else live_groups
+    table.append(("total", "", "", f"{groups_total:,}", f"{prof.flops:,}", f"{prof.params:,}"))
+    _say(f"Model {model.name!r} ({args.model})" + (", gated: channels, groups, MACs and params leave out channels gated off" if gated else ""))
     _say(_format_table(("layer", "class", "out ch", "groups", "MACs", "params"), table))
     _say("")
     _say(f"FLOPs (MACs): {prof.flops:,} ({prof.flops / 1e6:,.2f} M)")
     _say(f"params:       {prof.params:,} ({prof.params / 1e6:,.3f} M)")
-    _say(f"prunable channel groups: {graph.num_groups:,} across {len(graph.gate_sites)} gated layers")
+    _say(f"prunable channel groups: {groups_total:,} across {len(graph.gate_sites)} gated layers"
+         + (f" ({graph.num_groups - groups_total:,} of {graph.num_groups:,} gated off)" if gated else ""))
     if not args.all and len(shown) < len(rows):
         _say(f"({len(rows) - len(shown)} layers without MACs or params not shown; --all lists them)")
     _say("groups: prunable channel groups in the layer's output (channels tied by Add/Multiply count once)")
@@ -353,7 +395,7 @@ def _default_outputs(model_path: str) -> tuple:
     return stem + ".pruned.keras", stem + ".pruned.plan.json"
 
 
-def _check_output_path(path: str, what: str, model_path: str) -> None:
+def _check_output_path(path: str, what: str, model_path: str, force: bool = False) -> None:
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise CLIError(f"directory of {what} {path!r} does not exist")
@@ -361,6 +403,18 @@ def _check_output_path(path: str, what: str, model_path: str) -> None:
         raise CLIError(f"{what} {path!r} would overwrite the input model")
     if os.path.isdir(path):
         raise CLIError(f"{what} {path!r} is a directory")
+    if os.path.exists(path) and not force:
+        raise CLIError(f"{what} {path!r} exists; pass --force to overwrite it")
+
+
+def _ratio(value: float, target: float | None = None) -> str:
+    """`value` with 3 decimals, or as many more as it takes to tell it apart
+    from `target` (0.50028 is not shown as "0.500" next to a target of 0.5)."""
+    for digits in range(3, 10):
+        text = f"{value:.{digits}f}"
+        if target is None or value == target or float(text) != target:
+            return text
+    return repr(value)
 
 
 def cmd_prune(args) -> int:
@@ -369,12 +423,12 @@ def cmd_prune(args) -> int:
     plan_out = args.plan_out or plan_out
     if not output.endswith(".keras"):
         raise CLIError(f"--output must end in .keras. Received: {output!r}")
-    _check_output_path(output, "--output", args.model)
-    _check_output_path(plan_out, "--plan-out", args.model)
+    _check_output_path(output, "--output", args.model, args.force)
+    _check_output_path(plan_out, "--plan-out", args.model, args.force)
     if os.path.abspath(output) == os.path.abspath(plan_out):
         raise CLIError("--output and --plan-out must be different files")
 
-    model = _load_model(args.model)
+    model = _load_model(args.model, args.unsafe)
     import keras
 
     import keras_taylor as kt
@@ -384,7 +438,7 @@ def cmd_prune(args) -> int:
             f"{args.model!r} holds a gated model (ChannelGate layers); give the original, "
             "ungated model, or finish it in Python with keras_taylor.prune(model)"
         )
-    graph = _analyze(model, "prune")
+    graph = _analyze(model, "prune", args.on_unknown)
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         raise CLIError(
             f"prune needs a classifier with one input and one output. Received: model "
@@ -422,7 +476,7 @@ def cmd_prune(args) -> int:
     _say(f"Test accuracy before pruning: {acc_before:.4f}")
 
     try:
-        gated = kt.add_gates(model, on_unknown="freeze")
+        gated = kt.add_gates(model, on_unknown=args.on_unknown)
     except ValueError as e:
         raise CLIError(f"cannot add gates to model {model.name!r}: {_one_line(e)}") from e
     compiled_with = _compile_for_pruning(gated, model, args, total_steps)
@@ -439,14 +493,20 @@ def cmd_prune(args) -> int:
         f"{args.prune_every} minibatches, then fine-tuning; {args.epochs} epoch(s) of {steps_per_epoch} minibatches"
     )
     try:
-        gated.fit(
-            x_train, y_train, batch_size=args.batch_size, epochs=args.epochs,
-            shuffle=True, callbacks=[pruner], verbose=verbose,
-        )
+        with warnings.catch_warnings():
+            # A run that ends above the target is reported below, with the
+            # exit status; the library's warnings would say it twice.
+            warnings.filterwarnings("ignore", message=r"(TaylorPruning|keras_taylor\.prune): .*above the target")
+            gated.fit(
+                x_train, y_train, batch_size=args.batch_size, epochs=args.epochs,
+                shuffle=True, callbacks=[pruner], verbose=verbose,
+            )
+            pruned = kt.prune(gated, on_unknown=args.on_unknown)
     except ValueError as e:
         raise CLIError(f"training failed: {_one_line(e)}") from e
-
-    pruned = kt.prune(gated, on_unknown="freeze")
+    if args.channels_per_step is None:
+        _say(f"Removed up to {pruner.state()['channels_per_step']} channel group(s) per pruning step "
+             "(sized to reach the target by about half of the training)")
     after = kt.profile(pruned)
     acc_after = _accuracy(pruned, x_test, y_test, args.batch_size)
     pruned.save(output)
@@ -454,8 +514,8 @@ def cmd_prune(args) -> int:
 
     rows = [
         ("test accuracy", f"{acc_before:.4f}", f"{acc_after:.4f}", f"{(acc_after - acc_before) * 100:+.2f} pts"),
-        ("FLOPs (MACs)", f"{before.flops:,}", f"{after.flops:,}", f"{after.flops / before.flops:.3f}x"),
-        ("params", f"{before.params:,}", f"{after.params:,}", f"{after.params / before.params:.3f}x"),
+        ("FLOPs (MACs)", f"{before.flops:,}", f"{after.flops:,}", f"{_ratio(after.flops / before.flops, args.target_flops)}x"),
+        ("params", f"{before.params:,}", f"{after.params:,}", f"{_ratio(after.params / before.params)}x"),
     ]
     _say("")
     _say(_format_table(("", "original", "pruned", "pruned/original"), rows, left=1))
@@ -463,7 +523,7 @@ def cmd_prune(args) -> int:
     reached = after.flops <= args.target_flops * before.flops * (1 + 1e-9)
     if not reached:
         print(
-            f"{PROG}: error: pruning stopped at {after.flops / before.flops:.3f} of the FLOPs, above the "
+            f"{PROG}: error: pruning stopped at {_ratio(after.flops / before.flops, args.target_flops)} of the FLOPs, above the "
             f"target {args.target_flops:g} (the outputs above were still written). Raise --epochs or "
             "--channels-per-step, or lower --prune-every.",
             file=sys.stderr, flush=True,
@@ -492,6 +552,17 @@ def cmd_export(args) -> int:
         if fmt != "saved_model" or not os.path.isdir(output) or os.listdir(output):
             raise CLIError(f"{output!r} exists; pass --force to overwrite it")
 
+    quantize = args.tflite_quantization
+    if quantize is not None and fmt != "tflite":
+        raise CLIError(f"--tflite-quantization applies to --format tflite only. Received: --format {fmt}")
+    if quantize == "int8" and not args.data:
+        raise CLIError(
+            "--tflite-quantization int8 calibrates activations on representative inputs: pass "
+            "--data fashion_mnist or --data DATA.npz (its first training images are used)"
+        )
+    if args.data and quantize != "int8":
+        raise CLIError("--data is used by export only with --tflite-quantization int8")
+
     from keras_taylor import export as export_lib
 
     exporter = getattr(export_lib, _EXPORTERS[fmt], None)
@@ -502,7 +573,7 @@ def cmd_export(args) -> int:
             + ", ".join(f for f, fn in _EXPORTERS.items() if hasattr(export_lib, fn))
             + ")"
         )
-    model = _load_model(args.model)
+    model = _load_model(args.model, args.unsafe)
     import keras_taylor as kt
 
     if kt.is_gated(model):
@@ -513,8 +584,15 @@ def cmd_export(args) -> int:
     check = _check_batch(model)
     if fmt == "onnx" and importlib.util.find_spec("onnxruntime") is None:
         check = None  # the check runs the file with onnxruntime
+    kwargs = {}
+    if quantize is not None:
+        kwargs["quantize"] = quantize
+    if quantize == "int8":
+        if len(model.inputs) != 1:
+            raise CLIError(f"--data calibrates a single-input model. Received: model {model.name!r} with {len(model.inputs)} inputs")
+        kwargs["representative_data"] = _calibration_images(args, tuple(model.inputs[0].shape))
     try:
-        info = exporter(model, output, check_inputs=check)
+        info = exporter(model, output, check_inputs=check, **kwargs)
     except (ValueError, ImportError) as e:
         raise CLIError(f"cannot export model {model.name!r} as {fmt}: {_one_line(e)}") from e
     except RuntimeError as e:  # conversion failed, or the exported file disagrees with Keras
@@ -530,6 +608,18 @@ def cmd_export(args) -> int:
         if info.get("max_abs_diff") is not None:
             _say(f"  check on a random batch, reloaded file vs Keras: max |diff| = {info['max_abs_diff']:.2e}")
     return 0
+
+
+def _calibration_images(args, input_shape):
+    """The first `--calibration-samples` training images of `--data`, shaped
+    and scaled as `prune` feeds them."""
+    import numpy as np
+
+    x_train, y_train = _load_data(args.data)[:2]
+    n = min(len(x_train), args.calibration_samples)
+    labels = np.zeros(n, "int32")  # labels play no part in calibration
+    x, _ = _prepare_split(x_train[:n], labels, input_shape, 1, "train", args.data)
+    return x
 
 
 def _check_batch(model):
@@ -548,6 +638,37 @@ def _check_batch(model):
 # main
 
 
+def _common_flags(p, on_unknown) -> None:
+    p.add_argument("--unsafe", action="store_true",
+                   help="load Lambda layers holding Python code (Keras's safe_mode=False); only for files you trust")
+    if on_unknown is not None:
+        p.add_argument("--on-unknown", choices=("error", "freeze"), default=on_unknown,
+                       help="a layer without a handler on a prunable path: 'error' stops, 'freeze' keeps "
+                            f"the channels that flow into it (default: {on_unknown})")
+
+
+def _import_quietly() -> None:
+    """Imports keras_taylor (and with it Keras and TensorFlow) with the C++
+    start-up log lines that TensorFlow writes to stderr silenced."""
+    if "keras_taylor.gates" in sys.modules:
+        return
+    try:
+        saved = os.dup(2)
+    except OSError:
+        saved = None
+    if saved is not None:
+        sys.stderr.flush()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+    try:
+        import keras_taylor  # noqa: F401
+    finally:
+        if saved is not None:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -560,6 +681,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL.keras", help="a Keras model file")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.add_argument("--all", action="store_true", help="list every layer, not only those with MACs or params")
+    _common_flags(p, on_unknown="freeze")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser(
@@ -589,6 +711,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, metavar="OUT.keras", help="default: MODEL.pruned.keras")
     p.add_argument("--plan-out", default=None, metavar="PLAN.json", help="default: MODEL.pruned.plan.json")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--force", action="store_true", help="overwrite existing --output / --plan-out files")
+    _common_flags(p, on_unknown="error")
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("export", help="export a (pruned) model for serving")
@@ -597,6 +721,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, metavar="PATH",
                    help="default: MODEL_saved_model/, MODEL.tflite or MODEL.onnx")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.add_argument("--tflite-quantization", choices=("float16", "int8"), default=None,
+                   help="with --format tflite: float16 weights, or full-integer int8 (needs --data)")
+    p.add_argument("--data", default=None, metavar="fashion_mnist|DATA.npz",
+                   help="calibration images for --tflite-quantization int8 (x_train of the .npz)")
+    p.add_argument("--calibration-samples", type=_positive_int, default=200, metavar="N",
+                   help="training images used to calibrate int8 (default: 200)")
+    _common_flags(p, on_unknown=None)
     p.set_defaults(func=cmd_export)
     return parser
 
@@ -609,6 +740,7 @@ def main(argv=None) -> int:
     except SystemExit as e:  # usage errors (2) and --help (0)
         return e.code if isinstance(e.code, int) else EXIT_USAGE
     try:
+        _import_quietly()
         return args.func(args)
     except CLIError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)

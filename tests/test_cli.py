@@ -160,3 +160,113 @@ def test_prune_target_missed(files, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 1 and "above the target" in err and "Traceback" not in err
     assert out.exists() and kt.PruningPlan.load(str(plan_path)).num_removed == 1
+
+
+# ---- issue 12: what a new user hit ------------------------------------------------------------------
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_ratio_shows_enough_digits_to_differ_from_the_target():
+    assert cli._ratio(0.50028, 0.5) == "0.5003"  # not "0.500" next to a target of 0.5
+    assert cli._ratio(0.500004, 0.5) == "0.500004"
+    assert cli._ratio(0.5, 0.5) == "0.500"
+    assert cli._ratio(0.4991, 0.5) == "0.499"
+    assert cli._ratio(0.331) == "0.331"
+
+
+def _prune_argv(files, out, plan_path, *extra):
+    return ["prune", str(files / "plain.keras"), "--data", str(files / "data.npz"),
+            "--target-flops", "0.7", "--epochs", "1", "--batch-size", "16", "--prune-every", "1",
+            "--channels-per-step", "4", "--output", str(out), "--plan-out", str(plan_path), *extra]
+
+
+def test_prune_refuses_to_overwrite_without_force(files, tmp_path, capsys):
+    out, plan_path = tmp_path / "p.keras", tmp_path / "p.json"
+    out.write_text("keep me")
+    _fails(capsys, _prune_argv(files, out, plan_path), 2, "exists", "--force")
+    assert out.read_text() == "keep me" and not plan_path.exists()
+    plan_path.write_text("{}")
+    out.unlink()
+    _fails(capsys, _prune_argv(files, out, plan_path), 2, "--plan-out", "--force")
+    assert cli.main(_prune_argv(files, out, plan_path, "--force")) == 0
+    assert kt.PruningPlan.load(str(plan_path)).num_removed > 0
+    assert keras.saving.load_model(out).count_params() < make("plain").count_params()
+
+
+def test_export_tflite_quantization(files, tmp_path, capsys):
+    path = str(files / "plain.keras")
+    _fails(capsys, ["export", path, "--format", "tflite", "--tflite-quantization", "int8",
+                    "--output", str(tmp_path / "q.tflite")], 2, "--data")
+    _fails(capsys, ["export", path, "--format", "saved_model", "--tflite-quantization", "float16",
+                    "--output", str(tmp_path / "s")], 2, "--format tflite only")
+    sizes = {}
+    for quant, extra in ((None, []), ("float16", []), ("int8", ["--data", str(files / "data.npz"),
+                                                                "--calibration-samples", "16"])):
+        out = tmp_path / f"{quant}.tflite"
+        argv = ["export", path, "--format", "tflite", "--output", str(out)] + extra
+        if quant:
+            argv += ["--tflite-quantization", quant]
+        assert cli.main(argv) == 0, capsys.readouterr().err
+        sizes[quant] = out.stat().st_size
+    assert sizes["int8"] < sizes[None] and sizes["float16"] < sizes[None]
+
+
+def test_report_on_a_gated_model_counts_live_channels(files, tmp_path, capsys):
+    gated = kt.add_gates(make("plain"))
+    gated.get_layer("b1").gate.assign(np.array([1, 0, 1, 0, 1, 0, 1, 1], "float32"))
+    path = tmp_path / "half.keras"
+    gated.save(path)
+    assert cli.main(["report", str(path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    layers = {l["name"]: l for l in report["layers"]}
+    small = kt.prune(gated)
+    assert layers["c1"]["output_channels"] == layers["b1"]["output_channels"] == small.get_layer("c1").filters == 5
+    assert layers["c1"]["prunable_groups"] == 5
+    assert layers["c2"]["macs"] == kt.profile(small).by_name()["c2"].flops
+    assert report["totals"]["prunable_groups"] == kt.analyze(gated).num_groups - 3
+
+
+def test_lambda_model_needs_unsafe_and_on_unknown_freeze(files, tmp_path, capsys):
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(6, 3, name="c1")(inputs)
+    x = keras.layers.Conv2D(4, 3, name="c2")(x)
+    x = keras.layers.Lambda(lambda t: t * 2.0, name="lam")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    keras.Model(inputs, keras.layers.Dense(5, name="out")(x), name="lam_model").save(tmp_path / "lam.keras")
+    path = str(tmp_path / "lam.keras")
+    _fails(capsys, ["report", path], 2, "Lambda", "--unsafe")
+    assert cli.main(["report", path, "--unsafe"]) == 0
+    assert "lam" in capsys.readouterr().out
+    argv = ["prune", path, "--unsafe", "--data", str(files / "data.npz"), "--target-flops", "0.9", "--epochs", "1",
+            "--batch-size", "16", "--prune-every", "1", "--channels-per-step", "1",
+            "--output", str(tmp_path / "p.keras"), "--plan-out", str(tmp_path / "p.json")]
+    _fails(capsys, argv, 2, "'lam'", "--on-unknown freeze")
+    assert cli.main(argv + ["--on-unknown", "freeze"]) == 0, capsys.readouterr().err
+    plan = kt.PruningPlan.load(str(tmp_path / "p.json"))
+    assert set(plan.removed) == {"c1"}
+
+
+def test_help_does_not_import_tensorflow():
+    code = (
+        "import sys, keras_taylor_cli\n"
+        "sys.argv = ['keras-taylor', '--help']\n"
+        "code = keras_taylor_cli.main()\n"
+        "print('RESULT', code, 'tensorflow' in sys.modules, 'keras' in sys.modules)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+    assert "usage: keras-taylor" in proc.stdout and "report" in proc.stdout
+    assert "RESULT 0 False False" in proc.stdout, proc.stdout[-500:] + proc.stderr[-500:]
+    assert proc.stderr == ""
+
+
+def test_commands_do_not_print_tensorflow_start_up_logs(files):
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+    proc = subprocess.run([sys.executable, "-m", "keras_taylor_cli", "report", str(files / "plain.keras"), "--json"],
+                          capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["model"] == "plain"
+    assert "oneDNN" not in proc.stderr and "I0000" not in proc.stderr, proc.stderr[-2000:]
