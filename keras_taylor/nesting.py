@@ -93,6 +93,10 @@ def copy_layer(layer, config: dict | None = None):
     try:
         return rebuild_layer(layer, config), True
     except Exception as e:  # noqa: BLE001 - reported, the layer is reused
+        if isinstance(layer, keras.layers.Identity) and not layer.weights:
+            # An Identity whose config is broken (made with unserialisable
+            # arguments): a stock one does the same.
+            return keras.layers.Identity(name=layer.name, dtype=layer.dtype_policy.name), True
         warnings.warn(
             f"Layer {layer.name!r} of class {type(layer).__name__} cannot be "
             f"rebuilt from its config ({type(e).__name__}: {str(e)[:200]}); it "

@@ -122,9 +122,70 @@ def deeplab():
     hub = _hub()
     bb = hub.models.DeepLabV3Backbone(
         image_encoder=resnet("v2", "basic_block"), spatial_pyramid_pooling_key="P3",
-        upsampling_size=4, dilation_rates=[1, 2], low_level_feature_key="P2", projection_filters=8,
+        upsampling_size=2, dilation_rates=[1, 2], low_level_feature_key="P2", projection_filters=8,
     )
     return hub.models.DeepLabV3ImageSegmenter(backbone=bb, num_classes=3)
+
+
+def xception():
+    hub = _hub()
+    return hub.models.XceptionBackbone(
+        stackwise_conv_filters=[[8, 16], [16, 32], [32, 32]],
+        stackwise_pooling=[True, True, False],
+    )
+
+
+def retinanet():
+    hub = _hub()
+    return hub.models.RetinaNetBackbone(image_encoder=resnet("v1", "basic_block"), min_level=3, max_level=4, use_p5=False)
+
+
+def basnet():
+    hub = _hub()
+    encoder = hub.models.ResNetBackbone(
+        input_conv_filters=[64], input_conv_kernel_sizes=[7], stackwise_num_filters=[64, 16, 16, 16],
+        stackwise_num_blocks=[1, 1, 1, 1], stackwise_num_strides=[1, 2, 2, 2], block_type="basic_block",
+    )
+    bb = hub.models.BASNetBackbone(image_encoder=encoder, num_classes=1, image_shape=SIZE)
+    return hub.models.BASNetImageSegmenter(backbone=bb, num_classes=1)
+
+
+def mit():
+    hub = _hub()
+    return hub.models.MiTBackbone(
+        layerwise_depths=[1, 1], num_layers=2, layerwise_num_heads=[1, 2], layerwise_sr_ratios=[4, 2],
+        max_drop_path_rate=0.0, layerwise_patch_sizes=[7, 3], layerwise_strides=[4, 2], hidden_dims=[8, 16],
+        image_shape=SIZE,
+    )
+
+
+def segformer():
+    hub = _hub()
+    bb = hub.models.SegFormerBackbone(image_encoder=mit(), projection_filters=8)
+    return hub.models.SegFormerImageSegmenter(backbone=bb, num_classes=3)
+
+
+def deit():
+    hub = _hub()
+    return hub.models.DeiTBackbone(image_shape=SIZE, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, intermediate_dim=32)
+
+
+def dinov2():
+    hub = _hub()
+    return hub.models.DINOV2Backbone(
+        patch_size=8, num_layers=2, hidden_dim=16, num_heads=2, intermediate_dim=32,
+        image_shape=SIZE, position_embedding_shape=SIZE,
+    )
+
+
+def mobilenet_classifier():
+    hub = _hub()
+    return hub.models.MobileNetImageClassifier(backbone=mobilenet_v3(), num_classes=5)
+
+
+def efficientnet_classifier():
+    hub = _hub()
+    return hub.models.EfficientNetImageClassifier(backbone=efficientnet("v2"), num_classes=5)
 
 
 MODELS = {
@@ -144,6 +205,15 @@ MODELS = {
     "mobilenet_v5": mobilenet_v5,
     "vit": vit,
     "deeplab_v3": deeplab,
+    "xception": xception,
+    "retinanet_backbone": retinanet,
+    "basnet": basnet,
+    "mit": mit,
+    "segformer": segformer,
+    "deit": deit,
+    "dinov2": dinov2,
+    "mobilenet_classifier": mobilenet_classifier,
+    "efficientnet_classifier": efficientnet_classifier,
 }
 
 

@@ -20,12 +20,19 @@ FAST = ["resnet_v2_basic", "cspnet", "mobilenet_v3"]
 # Models that gate without error but have no prunable group, and why.
 NOT_PRUNABLE = {
     "mobilenet_v5": "every conv feeds RmsNorm2d, which normalises over channels (removing one changes the others)",
-    "vit": "attention heads are another issue; its MLP layer's config does not rebuild it, so it is not traced",
+    "vit": "its MLP layer's config does not rebuild it (KerasHub: non-serialisable __init__ arguments), so it is "
+    "not traced; attention heads are another issue",
+    "deit": "DeiTEncoder cannot be traced (a copy from its config does not take its weights); attention heads are another issue",
 }
 # Models that do not prune exactly yet, and why.
 KNOWN_BROKEN = {
-    "deeplab_v3": "SpatialPyramidPooling makes a Resizing from ops.shape(x) inside call: tracing bakes the size in",
+    "deeplab_v3": "SpatialPyramidPooling builds a Resizing from ops.shape(x) inside call, so it stays a fixed unit; "
+    "the pruned model then does not reload (the layer's config holds a model)",
+    "mit": "a HierarchicalTransformerEncoder rebuilt from its config makes other weights (18) than the original (22)",
+    "segformer": "built on MiT: see 'mit'",
 }
+# Transformers: only their MLP parts prune; attention (EinsumDense) is another issue.
+PARTIAL = {"dinov2"}
 
 
 def _check(name, tmp_path):
@@ -34,7 +41,8 @@ def _check(name, tmp_path):
         assert row["groups"] == 0
         return row
     assert row["groups"] > 0
-    assert row["untraced"] == []
+    if name not in PARTIAL:
+        assert row["untraced"] == [] and row["unknown_layers"] == [], row
     assert row["max_rel_error"] <= 1e-5, row
     assert row["flops_ratio"] < 1.0 and row["params_ratio"] < 1.0
     assert row["reload_max_abs_diff"] <= 1e-6

@@ -1,0 +1,201 @@
+"""Symbolic tracing of subclassed composite layers (keras_taylor.tracing)."""
+
+import warnings
+
+import keras
+import numpy as np
+import pytest
+from keras import layers, ops
+
+import keras_taylor as kt
+from keras_taylor import tracing
+from tests.conftest import randomize_bn
+
+
+class ConvBN(layers.Layer):
+    """conv -> BN -> relu, with `training` passed on."""
+
+    def __init__(self, filters, **kwargs):
+        super().__init__(**kwargs)
+        self.filters = filters
+        self.conv = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{self.name}_conv")
+        self.bn = layers.BatchNormalization(name=f"{self.name}_bn")
+
+    def call(self, x, training=None):
+        return ops.relu(self.bn(self.conv(x), training=training))
+
+    def get_config(self):
+        return {**super().get_config(), "filters": self.filters}
+
+
+class ResBlock(layers.Layer):
+    """Nested composites and a residual `x + f(x)` made with keras.ops."""
+
+    def __init__(self, filters, **kwargs):
+        super().__init__(**kwargs)
+        self.filters = filters
+        self.a = ConvBN(filters, name=f"{self.name}_a")
+        self.b = ConvBN(filters, name=f"{self.name}_b")
+        self.drop = layers.Dropout(0.5, name=f"{self.name}_drop")
+
+    def call(self, x, training=None):
+        return x + self.drop(self.b(self.a(x, training=training), training=training), training=training)
+
+    def get_config(self):
+        return {**super().get_config(), "filters": self.filters}
+
+
+class Twice(layers.Layer):
+    """One sublayer called twice: its weights are shared."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.conv = layers.Conv2D(4, 1, name=f"{self.name}_conv")
+
+    def call(self, x):
+        return self.conv(ops.relu(self.conv(x)))
+
+
+class ValueBranch(layers.Layer):
+    """Python control flow on a tensor value: cannot be traced."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.conv = layers.Conv2D(4, 1, name=f"{self.name}_conv")
+
+    def call(self, x):
+        if ops.convert_to_numpy(ops.sum(x)) > 0:
+            return self.conv(x)
+        return self.conv(-x)
+
+    def build(self, shape):
+        self.conv.build(shape)
+
+    def compute_output_shape(self, shape):  # lets a functional model hold it
+        return (*shape[:-1], 4)
+
+
+class OwnScale(layers.Layer):
+    """Holds a variable of its own besides its sublayer: not traced."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.conv = layers.Conv2D(4, 1, name=f"{self.name}_conv")
+
+    def build(self, shape):
+        self.scale = self.add_weight(shape=(4,), initializer="ones", name="scale")
+
+    def call(self, x):
+        return self.conv(x) * self.scale
+
+
+def _model(block, filters=8):
+    inputs = keras.Input((None, None, 3), name="img")
+    x = layers.Conv2D(filters, 3, padding="same", name="stem")(inputs)
+    x = layers.BatchNormalization(name="stem_bn")(x)
+    x = layers.ReLU(name="stem_relu")(x)
+    x = block(x)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    return randomize_bn(keras.Model(inputs, layers.Dense(3, name="out")(x), name="m"))
+
+
+def _x(size=12):
+    return np.random.default_rng(0).normal(size=(2, size, size, 3)).astype("float32")
+
+
+def _randomize_nested_bn(model):
+    rng = np.random.default_rng(1)
+    for layer in model._flatten_layers():
+        if isinstance(layer, layers.BatchNormalization) and layer.built:
+            layer.set_weights([rng.uniform(0.5, 1.5, w.shape).astype("float32") for w in layer.get_weights()])
+
+
+def test_nested_composites_are_inlined_and_compute_the_same():
+    model = _model(ResBlock(8, name="res"))
+    _randomize_nested_bn(model)
+    flat = tracing.inline_composite_layers(model)
+    names = [l.name for l in flat.layers]
+    assert "res" not in names and "res_a" not in names
+    assert {"res_a_conv", "res_a_bn", "res_b_conv", "res_b_bn", "res_drop"} <= set(names)
+    for size in (12, 7):
+        np.testing.assert_allclose(flat(_x(size)), model(_x(size)), rtol=1e-5, atol=1e-6)
+    # training= reaches the sublayers: BN in training mode, dropout active.
+    t_flat = flat(_x(), training=True)
+    assert not np.allclose(t_flat, flat(_x(), training=False))
+
+
+def test_user_model_is_untouched_by_tracing():
+    block = ResBlock(8, name="res")
+    model = _model(block)
+    before = [w.copy() for w in model.get_weights()]
+    nodes = {l.name: len(l._inbound_nodes) for l in block._flatten_layers()}
+    flat = tracing.inline_composite_layers(model)
+    assert {l.name: len(l._inbound_nodes) for l in block._flatten_layers()} == nodes
+    for w in flat.weights:
+        w.assign(np.zeros(w.shape, w.dtype))
+    for a, b in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_traced_composite_prunes_exactly():
+    model = _model(ResBlock(8, name="res"))
+    _randomize_nested_bn(model)
+    gated = kt.add_gates(model)
+    graph = kt.analyze(gated)
+    assert any(n.name == "res_a_conv" for n in graph.nodes)
+    # Remove group 0 of every gated layer and compare.
+    removed = {int(g) for l in kt.gates.gate_layers(gated) for g in graph.groups_of_layer_output(l.name)[:1] if g >= 0}
+    for l in kt.gates.gate_layers(gated):
+        g = graph.groups_of_layer_output(l.name)
+        l.gate.assign(np.where(np.isin(g, list(removed)) & (g >= 0), 0.0, 1.0).astype("float32"))
+    pruned = kt.prune(gated)
+    np.testing.assert_allclose(pruned(_x()), gated(_x()), rtol=1e-5, atol=1e-5)
+    assert kt.profile(pruned, input_shape=(12, 12, 3)).flops < kt.profile(model, input_shape=(12, 12, 3)).flops
+    assert not any(type(l).__name__ in ("ResBlock", "ConvBN") for l in pruned.layers)
+
+
+def test_shared_sublayer_stays_shared():
+    model = _model(Twice(name="tw"), filters=4)
+    flat = tracing.inline_composite_layers(model)
+    assert [l.name for l in flat.layers].count("tw_conv") == 1
+    conv = flat.get_layer("tw_conv")
+    assert len(conv._inbound_nodes) >= 2
+    np.testing.assert_allclose(flat(_x()), model(_x()), rtol=1e-5, atol=1e-6)
+    graph = kt.analyze(flat)  # both calls keep the same channels
+    calls = [n for n in graph.nodes if n.name == "tw_conv"]
+    assert len(calls) == 2
+
+
+def test_untraceable_layer_stays_a_fixed_unit_with_a_warning_naming_it():
+    model = _model(ValueBranch(name="branchy"), filters=4)
+    with pytest.warns(UserWarning, match=r"Cannot trace layer 'branchy' of class ValueBranch"):
+        flat = tracing.inline_composite_layers(model)
+    assert "branchy" in [l.name for l in flat.layers]
+
+
+def test_layer_with_own_variables_is_not_traced():
+    model = _model(OwnScale(name="own"), filters=4)
+    assert tracing.untraceable_reason(model.get_layer("own")).startswith("it holds variables of its own")
+    flat = tracing.inline_composite_layers(model)
+    assert flat is model
+
+
+def test_registered_handler_wins_over_tracing():
+    class Opaque(ConvBN):
+        pass
+
+    kt.register_handler(Opaque, kt.LayerHandler())  # channel-preserving: says "do not trace"
+    try:
+        model = _model(Opaque(8, name="opq"))
+        assert tracing.untraceable_reason(model.get_layer("opq")) == "it is not a composite layer"
+        flat = tracing.inline_composite_layers(model)
+        assert flat is model
+    finally:
+        from keras_taylor import handlers
+
+        handlers._REGISTRY[:] = [(c, h) for c, h in handlers._REGISTRY if c is not Opaque]
+
+
+def test_max_depth_is_validated():
+    with pytest.raises(ValueError, match="max_depth"):
+        tracing.inline_composite_layers(_model(ConvBN(4, name="cb")), max_depth=0)
