@@ -29,6 +29,7 @@ class LayerCount:
     class_name: str
     flops: int
     params: int
+    latency_ms: float | None = None  # predicted by a LatencyTable (`profile(model, latency=...)`)
 
 
 @dataclass
@@ -36,6 +37,14 @@ class Profile:
     """FLOPs and params of a model, per layer and in total."""
 
     layers: list = field(default_factory=list)
+    fixed_latency_ms: float | None = None  # the table's per-model cost, when given one
+
+    @property
+    def latency_ms(self) -> float | None:
+        """Predicted whole-model latency (ms), when profiled with a `LatencyTable`."""
+        if self.fixed_latency_ms is None:
+            return None
+        return float(self.fixed_latency_ms + sum(l.latency_ms or 0.0 for l in self.layers))
 
     @property
     def flops(self) -> int:
@@ -50,10 +59,16 @@ class Profile:
 
     def table(self) -> str:
         """A plain-text table, one row per layer with a cost, then the total."""
-        rows = [(l.name, l.class_name, f"{l.flops:,}", f"{l.params:,}") for l in self.layers if l.flops or l.params]
-        rows.append(("total", "", f"{self.flops:,}", f"{self.params:,}"))
-        head = ("layer", "class", "FLOPs (MACs)", "params")
-        widths = [max(len(r[i]) for r in rows + [head]) for i in range(4)]
+        lat = self.fixed_latency_ms is not None
+        rows = [
+            (l.name, l.class_name, f"{l.flops:,}", f"{l.params:,}") + ((f"{l.latency_ms:.4f}" if l.latency_ms is not None else "",) if lat else ())
+            for l in self.layers if l.flops or l.params
+        ]
+        if lat:
+            rows.append(("fixed (per model)", "", "", "", f"{self.fixed_latency_ms:.4f}"))
+        rows.append(("total", "", f"{self.flops:,}", f"{self.params:,}") + ((f"{self.latency_ms:.4f}",) if lat else ()))
+        head = ("layer", "class", "FLOPs (MACs)", "params") + (("latency ms (pred.)",) if lat else ())
+        widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
         fmt = lambda r: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
         return "\n".join([fmt(head)] + [fmt(r) for r in rows])
 
@@ -123,12 +138,16 @@ def removed_groups_from_gates(model: keras.Model, graph: graph_lib.ChannelGraph)
     return removed
 
 
-def profile(model: keras.Model) -> Profile:
+def profile(model: keras.Model, latency=None) -> Profile:
     """Counts FLOPs (MACs) and params of every layer of `model`.
 
     Args:
         model: a Functional or Sequential model, gated or not. Layers without
             a handler are counted with their full params and 0 FLOPs.
+        latency: optional `keras_taylor.LatencyTable`; each channel-creating
+            layer then also gets its predicted latency (its segment: the layer
+            and the channel-wise layers riding on it), and the profile the
+            table's fixed per-model cost and `latency_ms` total.
 
     Returns:
         A `Profile`; `profile(m).params == m.count_params()` for an ungated
@@ -137,4 +156,14 @@ def profile(model: keras.Model) -> Profile:
     graph = graph_lib.analyze(model, on_unknown="freeze")
     cost = CostModel(graph)
     alive = graph.alive_ids(removed_groups_from_gates(model, graph))
-    return cost.profile(alive)
+    prof = cost.profile(alive)
+    if latency is not None:
+        if not callable(getattr(latency, "cost_terms", None)):
+            raise ValueError(f"Expected latency to be a keras_taylor.LatencyTable. Received: latency={latency!r}")
+        terms = latency.cost_terms(graph)
+        ms = dict(terms.per_term(alive))
+        prof = Profile(
+            [LayerCount(l.name, l.class_name, l.flops, l.params, ms.get(l.name)) for l in prof.layers],
+            fixed_latency_ms=terms.constant,
+        )
+    return prof
