@@ -165,3 +165,21 @@ def test_latency_targeted_fit_ends_under_its_predicted_budget(multiple):
         graph = kt.analyze(gated)
         for row in selection.alignment_report(graph, pruner.removed, multiple):
             assert row.aligned, row
+
+
+def test_cli_latency_table_and_prune_flags(tmp_path, monkeypatch, capsys):
+    from keras_taylor import cli
+
+    monkeypatch.setenv("KERAS_TAYLOR_CACHE", str(tmp_path / "cache"))
+    path = str(tmp_path / "m.keras")
+    tiny().save(path)
+    out = str(tmp_path / "table.json")
+    assert cli.main(["latency-table", path, "--runtime", "tf", "--output", out]) == 0
+    table = kt.LatencyTable.load(out)
+    assert set(table.layers) == {"c0", "c1", "head"} and table.runtime == "tf"
+    assert "latency ms" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["prune", path, "--data", "x.npz", "--epochs", "1",
+                                       "--target-flops", "0.5", "--target-latency", "0.5"])
+    args = cli.build_parser().parse_args(["prune", path, "--data", "x.npz", "--epochs", "1", "--target-latency", "0.5"])
+    assert args.target_latency == 0.5 and args.target_flops is None and args.runtime == "tflite"
