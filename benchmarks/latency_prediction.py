@@ -16,8 +16,8 @@ machine) and runtime (`tf`, `tflite`; batch 1):
    pruning aligned to multiples of 8 (`selection.align_to_target`).
    `kt.apply_plan` builds the smaller model.
 3. All pruned models and the dense one are timed on the runtime in
-   interleaved rounds (`keras_taylor.latency.time_callables`, 25th
-   percentile of per-round means — the statistic the table uses) and
+   interleaved rounds (`keras_taylor.latency.time_callables`, minimum of
+   per-round means — the statistic the table uses; the median is kept too) and
    compared with `table.predict(pruned)`.
 
 Reports predicted ÷ measured per pruning, the median absolute error and the
@@ -60,6 +60,7 @@ flags.DEFINE_integer("size", 96, "Input size (square).")
 flags.DEFINE_integer("prunings", 20, "Random prunings per model and runtime.")
 flags.DEFINE_integer("rounds", 7, "Interleaved timing rounds (table and check).")
 flags.DEFINE_integer("seed", 0, "Seed.")
+flags.DEFINE_list("fractions", ["0.125", "0.25", "0.375", "0.5", "0.625", "0.75", "0.875"], "Width fractions sampled by the table.")
 flags.DEFINE_bool("fresh", True, "Clear this run's table cache first (cold build time).")
 flags.DEFINE_string("cache_dir", "/tmp/keras_taylor_latency_bench", "Table cache directory.")
 flags.DEFINE_string("output", os.path.join(os.path.dirname(__file__), "results", "latency_prediction.json"), "Results JSON.")
@@ -110,10 +111,11 @@ def run_one(name, runtime):
     if FLAGS.fresh and os.path.isdir(cache):
         shutil.rmtree(cache)
     start = time.time()
-    table = kt.LatencyTable.measure(model, runtime=runtime, rounds=FLAGS.rounds, cache_dir=cache, verbose=1)
+    fr = [float(f) for f in FLAGS.fractions]
+    table = kt.LatencyTable.measure(model, runtime=runtime, rounds=FLAGS.rounds, fractions=fr, cache_dir=cache, verbose=1)
     build_s = time.time() - start
     start = time.time()
-    kt.LatencyTable.measure(model, runtime=runtime, rounds=FLAGS.rounds, cache_dir=cache, verbose=0)
+    kt.LatencyTable.measure(model, runtime=runtime, rounds=FLAGS.rounds, fractions=fr, cache_dir=cache, verbose=0)
     cached_s = time.time() - start
     variants = prunings(model, FLAGS.prunings, FLAGS.seed)
     rng = np.random.default_rng(FLAGS.seed)
@@ -124,17 +126,17 @@ def run_one(name, runtime):
     rows = []
     for i, v in enumerate(variants):
         pred = table.predict(v["model"])
-        meas = timed[f"p{i}"]["q25_ms"]
+        meas = timed[f"p{i}"]["min_ms"]
         rows.append({
             "target_flops": v["target_flops"], "flops_fraction": v["flops_fraction"], "aligned8": v["aligned8"],
-            "predicted_ms": pred, "measured_q25_ms": meas, "measured_median_ms": timed[f"p{i}"]["median_ms"],
+            "predicted_ms": pred, "measured_min_ms": meas, "measured_median_ms": timed[f"p{i}"]["median_ms"],
             "pred_over_meas": pred / meas,
         })
     err = np.abs(np.array([r["pred_over_meas"] for r in rows]) - 1.0)
     return {
-        "model": name, "runtime": runtime, "size": FLAGS.size, "batch": 1,
+        "model": name, "runtime": runtime, "size": FLAGS.size, "batch": 1, "fractions": fr, "rounds": FLAGS.rounds,
         "table_build_s": build_s, "table_cached_s": cached_s, "segments": len(table.layers),
-        "dense_predicted_ms": table.predict(model), "dense_measured_q25_ms": timed["dense"]["q25_ms"],
+        "dense_predicted_ms": table.predict(model), "dense_measured_min_ms": timed["dense"]["min_ms"],
         "table_full_ms": table.full_ms, "fixed_ms": table.fixed_ms,
         "median_abs_err": float(np.median(err)), "worst_abs_err": float(err.max()),
         "prunings": rows, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),

@@ -37,8 +37,11 @@ Dense, SeparableConv, ConvTranspose), at its real input shape and batch size:
   predicts a pruned one.
 
 Timing follows `keras_taylor.latency`: all sample models of a segment are
-timed in interleaved rounds in a random order, and the 25th percentile of the
-per-round means is kept (robust to the load spikes of a shared machine).
+timed in interleaved rounds in a random order, and the minimum of the
+per-round means is kept: on a shared machine every slower round is a round in
+which something else held the core (on this project's 2-core box at load 9–11
+the 25th percentile still came out ~5× above an uncontended run), so the
+minimum is the estimate of the uncontended latency (as `timeit` advises).
 
 Tables are cached as JSON (`~/.cache/keras_taylor/latency/` or `cache_dir`)
 under a key of the segment's layer configs (names left out), input shape,
@@ -81,12 +84,12 @@ _RIDERS = (
 )
 
 
-def sample_widths(full: int, step: int = 8, multiple_of: int = 1) -> list:
+def sample_widths(full: int, step: int = 8, multiple_of: int = 1, fractions=_FRACTIONS) -> list:
     """The widths a curve is measured at (see the module docstring)."""
     full = int(full)
     unit = step * multiple_of // math.gcd(step, multiple_of)
     out = {full}
-    for w in [step, 2 * step] + [full * f for f in _FRACTIONS]:
+    for w in [step, 2 * step] + [full * f for f in fractions]:
         w = int(math.ceil(w / unit) * unit)
         if 0 < w < full:
             out.add(w)
@@ -289,6 +292,7 @@ class LatencyTable:
         *,
         step: int = 8,
         rounds: int = 7,
+        fractions=_FRACTIONS,
         cache_dir: str | None = None,
         verbose: int = 1,
         seed: int = 0,
@@ -302,6 +306,9 @@ class LatencyTable:
             batch_size: batch size the latency is for. Defaults to `1`.
             step: the alignment step widths are sampled and rounded at.
             rounds: interleaved timing rounds per segment.
+            fractions: fractions of the full width sampled (rounded up to a
+                multiple of `step`; `step`, `2·step` and full are always
+                sampled). Defaults to eighths 1/8 … 7/8; fewer build faster.
             cache_dir: where the JSON cache lives. Defaults to
                 `$KERAS_TAYLOR_CACHE` or `~/.cache/keras_taylor/latency`.
             verbose: 1 shows a `keras.utils.Progbar`, 0 nothing.
@@ -314,6 +321,9 @@ class LatencyTable:
         """
         if runtime not in RUNTIMES:
             raise ValueError(f"Expected runtime in {RUNTIMES}. Received: runtime={runtime!r}")
+        fractions = tuple(float(f) for f in fractions)
+        if not fractions or not all(0.0 < f < 1.0 for f in fractions):
+            raise ValueError(f"Expected fractions in (0, 1). Received: fractions={fractions!r}")
         for arg, v in (("batch_size", batch_size), ("step", step), ("rounds", rounds)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"Expected {arg} to be an integer >= 1. Received: {arg}={v!r}")
@@ -335,10 +345,10 @@ class LatencyTable:
             cache.put("overhead", overhead)
         layers = {}
         for seg in segments:
-            key = _hash(seg.signature(batch_size) + f"|step={step}|in={seg.in_prunable}|out={seg.out_prunable}")
+            key = _hash(seg.signature(batch_size) + f"|step={step}|fr={fractions}|in={seg.in_prunable}|out={seg.out_prunable}")
             entry = cache.get(key)
             if entry is None:
-                entry = _measure_segment(seg, runtime, batch_size, step, rounds, rng, overhead)
+                entry = _measure_segment(seg, runtime, batch_size, step, rounds, rng, overhead, fractions)
                 cache.put(key, entry)
             layers[seg.name] = entry
             if bar is not None:
@@ -427,14 +437,14 @@ def _hash(text: str) -> str:
 
 
 def _time(runners: dict, rounds: int, rng) -> dict:
-    """25th percentile of per-round mean ms, interleaved (`latency.time_callables`)."""
-    return {k: v["q25_ms"] for k, v in latency_lib.time_callables(runners, rounds=rounds, seed=int(rng.integers(1 << 30))).items()}
+    """Minimum over rounds of per-round mean ms, interleaved (`latency.time_callables`)."""
+    return {k: v["min_ms"] for k, v in latency_lib.time_callables(runners, rounds=rounds, seed=int(rng.integers(1 << 30))).items()}
 
 
-def _measure_segment(seg: _Segment, runtime, batch_size, step, rounds, rng, overhead) -> dict:
+def _measure_segment(seg: _Segment, runtime, batch_size, step, rounds, rng, overhead, fractions=_FRACTIONS) -> dict:
     mult = seg.groups
-    outs = sample_widths(seg.cout_full, step, mult) if seg.out_prunable else [seg.cout_full]
-    ins = sample_widths(seg.cin_full, step, mult) if seg.in_prunable else []
+    outs = sample_widths(seg.cout_full, step, mult, fractions) if seg.out_prunable else [seg.cout_full]
+    ins = sample_widths(seg.cin_full, step, mult, fractions) if seg.in_prunable else []
     runners = {}
     for w in outs:
         runners[("o", w)] = _runner(seg.build(seg.cin_full, w, batch_size), runtime, batch_size, rng)
