@@ -31,6 +31,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags, logging  # noqa: E402
 
 import keras  # noqa: E402
+import numpy as np  # noqa: E402
 
 import keras_taylor as kt  # noqa: E402
 from keras_taylor import datasets, export, latency, models  # noqa: E402
@@ -49,6 +50,12 @@ flags.DEFINE_string("data_dir", None, "Directory with the four Fashion-MNIST IDX
 flags.DEFINE_string("output_dir", "runs/fashion_mnist", "Where the models, plan and results go.")
 flags.DEFINE_integer("seed", 0, "Random seed.")
 flags.DEFINE_integer("latency_rounds", 15, "Interleaved rounds for the latency measurement.")
+flags.DEFINE_float(
+    "target_latency", None,
+    "Prune to this fraction of the latency predicted by a table measured on --latency_runtime "
+    "(HALP knapsack, docs/latency.md) instead of --target FLOPs.",
+)
+flags.DEFINE_enum("latency_runtime", "tflite", ["tf", "tflite", "onnxruntime"], "Runtime of the latency table.")
 flags.DEFINE_bool(
     "control", False,
     "Also train the unpruned model for the same extra epochs and schedule as the pruning phase, "
@@ -113,11 +120,17 @@ def main(argv):
     gated = kt.add_gates(model)
     finetune = keras.optimizers.schedules.CosineDecay(0.02, decay_steps=prune_epochs * steps_per_epoch, alpha=0.05)
     compile_model(gated, finetune)
+    table = None
+    if FLAGS.target_latency is not None:
+        print(f"== Measuring a latency table on {FLAGS.latency_runtime}, batch 1")
+        table = kt.LatencyTable.measure(model, runtime=FLAGS.latency_runtime, batch_size=1, verbose=verbose)
     pruner = kt.TaylorPruning(
-        target=FLAGS.target, metric="flops", prune_every=prune_every, channels_per_step=FLAGS.channels_per_step
+        target=FLAGS.target if table is None else FLAGS.target_latency,
+        metric="flops" if table is None else "latency", latency=table,
+        prune_every=prune_every, channels_per_step=FLAGS.channels_per_step,
     )
     print(
-        f"== Pruning to {FLAGS.target:.0%} FLOPs: {FLAGS.channels_per_step} channel groups every {prune_every} "
+        f"== Pruning to {pruner.target:.0%} {'FLOPs' if table is None else 'predicted latency'}: {FLAGS.channels_per_step} channel groups every {prune_every} "
         f"minibatches (of {kt.analyze(gated).num_groups}), then fine-tuning; {prune_epochs} epochs in all"
     )
     board = kt.PruningTensorBoard(pruner, log_dir=os.path.join(FLAGS.output_dir, "logs"))
@@ -159,6 +172,16 @@ def main(argv):
                 f"[{res['pruned']['ratio_min']:.2f}-{res['pruned']['ratio_max']:.2f}]",
             )
         )
+    if table is not None:
+        from keras_taylor import latency_table
+
+        rng = np.random.default_rng(FLAGS.seed)
+        runners = {k: latency_table._runner(m, FLAGS.latency_runtime, 1, rng) for k, m in (("original", model), ("pruned", pruned))}
+        measured = latency.time_callables(runners, rounds=FLAGS.latency_rounds)
+        p0, p1 = table.predict(model), table.predict(pruned)
+        m0, m1 = measured["original"]["min_ms"], measured["pruned"]["min_ms"]
+        rows.append((f"{FLAGS.latency_runtime} latency b1, predicted (ms)", f"{p0:.3f}", f"{p1:.3f}", f"{p1 / p0:.3f}x"))
+        rows.append((f"{FLAGS.latency_runtime} latency b1, measured min (ms)", f"{m0:.3f}", f"{m1:.3f}", f"{m1 / m0:.3f}x"))
     if acc_control is not None:
         rows.insert(1, (
             "top-1, unpruned + same extra epochs", f"{acc_control:.4f}", f"{acc_after:.4f}",
@@ -204,6 +227,11 @@ def main(argv):
         "pruning_history": pruner.history,
         "wall_seconds": time.time() - started,
     }
+    if table is not None:
+        results["latency_table"] = {
+            "runtime": FLAGS.latency_runtime, "target": FLAGS.target_latency,
+            "predicted_ms": [p0, p1], "measured_min_ms": [m0, m1],
+        }
     with open(os.path.join(FLAGS.output_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     print(f"Done in {results['wall_seconds'] / 60:.1f} min; results in {FLAGS.output_dir}/results.json")

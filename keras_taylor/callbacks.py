@@ -78,8 +78,19 @@ class TaylorPruning(keras.callbacks.Callback):
     Args:
         target: fraction of the unpruned model's `metric` to prune down to, in
             (0, 1]. Defaults to `0.5`.
-        metric: `"flops"`, `"params"` or `"channels"` (output channels of
-            Conv/Dense layers). Defaults to `"flops"`.
+        metric: `"flops"`, `"params"`, `"channels"` (output channels of
+            Conv/Dense layers) or `"latency"` (predicted by `latency`).
+            Defaults to `"flops"`. With `"latency"` each pruning step is a
+            HALP knapsack (`keras_taylor.selection.knapsack_removal`): the
+            budget moves down an exponential schedule, `budget_t =
+            max(target, now · target^(1/T))` of the dense latency with `T =
+            ceil(num_groups · (1 − target) / channels_per_step)` steps (HALP's
+            schedule), and the kept set maximises the summed ranking scores
+            under it, each layer keeping a prefix of its importance order,
+            `min_channels` and `channel_multiple` (as allowed widths) inside
+            the knapsack. Removed groups stay removed.
+        latency: a `keras_taylor.LatencyTable` measured on the model (needed
+            for `metric="latency"`, ignored otherwise).
         prune_every: minibatches between pruning steps (K). Defaults to `30`,
             the paper's value.
         channels_per_step: channel groups removed per pruning step (N).
@@ -164,6 +175,7 @@ class TaylorPruning(keras.callbacks.Callback):
         criterion="taylor_fo_bn",
         channel_multiple: int | None = None,
         input_shape=None,
+        latency=None,
     ):
         super().__init__()
         if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0.0 < float(target) <= 1.0:
@@ -183,6 +195,12 @@ class TaylorPruning(keras.callbacks.Callback):
             raise ValueError(f"Expected channels_per_step to be an integer >= 1. Received: channels_per_step={channels_per_step!r}")
         if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
             raise ValueError(f"Expected momentum in [0, 1). Received: momentum={momentum!r}")
+        if metric == "latency" and not callable(getattr(latency, "cost_terms", None)):
+            raise ValueError(
+                "Expected latency=keras_taylor.LatencyTable.measure(model, ...) with "
+                f"metric='latency'. Received: latency={latency!r}"
+            )
+        self.latency = latency
         self.target = float(target)
         self.metric = metric
         self.prune_every = prune_every
@@ -240,9 +258,9 @@ class TaylorPruning(keras.callbacks.Callback):
         if graph.num_groups == 0:
             raise ValueError(f"Expected prunable channels. Received: model={model.name!r} with none.")
         self._graph = graph
+        self._latency_terms = selection.cost_terms(graph, self.latency) if self.metric == "latency" else None
         self._scorer = TaylorScorer(model, graph, self.criterion)
         self._model_id = id(model)
-        self._creating = list(graph.creating_layers().items())
         self._cost = None
         if not flops_lib.is_dynamic(graph):
             self._init_costs(graph)
@@ -368,9 +386,10 @@ class TaylorPruning(keras.callbacks.Callback):
             self.done = self._fraction(graph.alive_ids(self.removed)) <= self.target
 
     def _measure(self, alive) -> dict:
-        flops, params = self._cost.evaluate(alive)
-        channels = sum(int(np.count_nonzero(alive[m])) for _, m in self._creating)
-        return {"flops": flops, "params": params, "channels": channels}
+        out = flops_lib.metric_values(self._cost, alive)
+        if self._latency_terms is not None:
+            out["latency"] = self._latency_terms.evaluate(alive)
+        return out
 
     def _fraction(self, alive) -> float:
         base = self._base[self.metric]
@@ -484,10 +503,13 @@ class TaylorPruning(keras.callbacks.Callback):
         removed = set(self.removed)
         alive = graph.alive_ids(removed)
         ranked = np.asarray(self._scorer.criterion.rank(self.ema, self._context), dtype="float64")
-        taken, reached = selection.greedy_removal(
-            graph, ranked, removed=removed, min_channels=self.min_channels, limit=self._per_step,
-            stop=lambda r: self._fraction(graph.alive_ids(r)) <= self.target,
-        )
+        if self.metric == "latency":
+            taken, reached = self._knapsack_step(graph, ranked, removed, alive)
+        else:
+            taken, reached = selection.greedy_removal(
+                graph, ranked, removed=removed, min_channels=self.min_channels, limit=self._per_step,
+                stop=lambda r: self._fraction(graph.alive_ids(r)) <= self.target,
+            )
         removed.update(taken)
         self.done = self.done or reached
         if not taken and not self.done:
@@ -509,13 +531,31 @@ class TaylorPruning(keras.callbacks.Callback):
             "params_fraction": frac["params"] / self._base["params"],
             "channels_fraction": frac["channels"] / self._base["channels"],
         }
+        if "latency" in frac:
+            record["latency_fraction"] = frac["latency"] / self._base["latency"]
+            record["latency_budget"] = self._budget_fraction
         self.history.append(record)
         logger.info("keras_taylor: step %d removed %d groups (%d total); FLOPs %.3f", self._step, len(taken), len(self.removed), record["flops_fraction"])
         if self.done:
-            if self.channel_multiple and self.channel_multiple > 1:
+            if self.channel_multiple and self.channel_multiple > 1 and self.metric != "latency":
                 self._align(record, ranked)
             # Pruning is over: the rest of fit is plain fine-tuning.
             self._uninstall()
+
+    def _knapsack_step(self, graph, ranked, removed, alive) -> tuple:
+        """One latency step: the next budget on the schedule, the knapsack's kept set."""
+        steps = max(1, int(np.ceil(graph.num_groups * (1.0 - self.target) / self._per_step)))
+        now = self._fraction(alive)
+        self._budget_fraction = max(self.target, now * self.target ** (1.0 / steps))
+        new = selection.knapsack_removal(
+            graph, ranked, self._latency_terms, self._budget_fraction * self._base["latency"],
+            removed=removed, min_channels=self.min_channels, channel_multiple=self.channel_multiple,
+        )
+        taken = sorted(new - removed, key=lambda g: (ranked[g], g))
+        reached = self._fraction(graph.alive_ids(new)) <= self.target
+        if not reached and self._fraction(graph.alive_ids(new)) > self._budget_fraction:
+            reached = True  # the knapsack cannot go lower (min_channels); it warned
+        return taken, reached
 
     def _align(self, record: dict, ranked: np.ndarray) -> None:
         """Rounds every layer's kept channels to `channel_multiple` (last step),

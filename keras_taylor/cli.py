@@ -480,15 +480,20 @@ def cmd_prune(args) -> int:
     except ValueError as e:
         raise CLIError(f"cannot add gates to model {model.name!r}: {_one_line(e)}") from e
     compiled_with = _compile_for_pruning(gated, model, args, total_steps)
+    table = None
+    if args.target_latency is not None:
+        _say(f"Measuring a latency table on {args.runtime} (cached after the first time)")
+        table = kt.LatencyTable.measure(model, runtime=args.runtime, verbose=verbose)
     pruner = kt.TaylorPruning(
-        target=args.target_flops,
-        metric="flops",
+        target=args.target_flops if table is None else args.target_latency,
+        metric="flops" if table is None else "latency",
+        latency=table,
         prune_every=args.prune_every,
         channels_per_step=args.channels_per_step,
     )
     _say(f"Compiled with {compiled_with}")
     _say(
-        f"Pruning to {args.target_flops:.0%} of the FLOPs: "
+        f"Pruning to {pruner.target:.0%} of the {'FLOPs' if table is None else 'predicted ' + args.runtime + ' latency'}: "
         f"{args.channels_per_step or 'the default number of'} channel group(s) every "
         f"{args.prune_every} minibatches, then fine-tuning; {args.epochs} epoch(s) of {steps_per_epoch} minibatches"
     )
@@ -517,9 +522,17 @@ def cmd_prune(args) -> int:
         ("FLOPs (MACs)", f"{before.flops:,}", f"{after.flops:,}", f"{_ratio(after.flops / before.flops, args.target_flops)}x"),
         ("params", f"{before.params:,}", f"{after.params:,}", f"{_ratio(after.params / before.params)}x"),
     ]
+    if table is not None:
+        lat0, lat1 = table.predict(model), table.predict(pruned)
+        rows.append((f"latency ms ({args.runtime}, predicted)", f"{lat0:.3f}", f"{lat1:.3f}", f"{lat1 / lat0:.3f}x"))
     _say("")
     _say(_format_table(("", "original", "pruned", "pruned/original"), rows, left=1))
     _say(f"\nPruned model: {output}\nPruning plan: {plan_out} ({pruner.plan.num_removed} channels removed)")
+    if table is not None:
+        if table.predict(pruned) > args.target_latency * table.predict(model) * (1 + 1e-6):
+            print(f"{PROG}: error: pruning stopped above the latency target {args.target_latency:g}.", file=sys.stderr, flush=True)
+            return EXIT_TARGET_MISSED
+        return 0
     reached = after.flops <= args.target_flops * before.flops * (1 + 1e-9)
     if not reached:
         print(
@@ -536,6 +549,24 @@ def cmd_prune(args) -> int:
 # export
 
 _EXPORTERS = {"saved_model": "export_saved_model", "tflite": "export_tflite", "onnx": "export_onnx"}
+
+
+def cmd_latency_table(args) -> int:
+    model = _load_model(args.model)
+    import keras_taylor as kt
+
+    _analyze(model, "measure")
+    try:
+        table = kt.LatencyTable.measure(model, runtime=args.runtime, batch_size=args.batch_size,
+                                        verbose=1 if sys.stdout.isatty() else 0)
+    except (ValueError, ImportError) as e:
+        raise CLIError(f"cannot measure model {model.name!r}: {_one_line(e)}") from e
+    _say(kt.profile(model, latency=table).table())
+    _say(f"\nMeasured {table.full_ms:.3f} ms on {args.runtime} (batch {args.batch_size}, {table.device})")
+    if args.output:
+        table.save(args.output)
+        _say(f"Table: {args.output}")
+    return 0
 
 
 def cmd_export(args) -> int:
@@ -699,8 +730,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL.keras", help="a Keras model file (a classifier)")
     p.add_argument("--data", required=True, metavar="fashion_mnist|DATA.npz",
                    help="'fashion_mnist', or a .npz with x_train, y_train, x_test, y_test (uint8 images are scaled to [0, 1])")
-    p.add_argument("--target-flops", required=True, type=_fraction, metavar="FRACTION",
-                   help="prune until FLOPs are at most this fraction of the original, in (0, 1)")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--target-flops", type=_fraction, metavar="FRACTION",
+                        help="prune until FLOPs are at most this fraction of the original, in (0, 1)")
+    target.add_argument("--target-latency", type=_fraction, metavar="FRACTION",
+                        help="prune until the latency predicted by a measured table (--runtime) is at most this "
+                        "fraction of the original (HALP knapsack; docs/latency.md)")
+    p.add_argument("--runtime", choices=("tf", "tflite", "onnxruntime"), default="tflite",
+                   help="runtime the latency table is measured on, with --target-latency (default: tflite)")
     p.add_argument("--epochs", required=True, type=_positive_int, help="epochs of pruning + fine-tuning in all")
     p.add_argument("--batch-size", type=_positive_int, default=128, help="default: 128")
     p.add_argument("--prune-every", type=_positive_int, default=30, metavar="K", help="minibatches between pruning steps (default: 30)")
@@ -714,6 +751,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite existing --output / --plan-out files")
     _common_flags(p, on_unknown="error")
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("latency-table", help="measure a per-layer latency table (docs/latency.md)")
+    p.add_argument("model", metavar="MODEL.keras", help="a Keras model file")
+    p.add_argument("--runtime", choices=("tf", "tflite", "onnxruntime"), default="tflite", help="default: tflite")
+    p.add_argument("--batch-size", type=_positive_int, default=1, help="default: 1")
+    p.add_argument("--output", default=None, metavar="TABLE.json", help="also write the table here")
+    p.set_defaults(func=cmd_latency_table)
 
     p = sub.add_parser("export", help="export a (pruned) model for serving")
     p.add_argument("model", metavar="MODEL.keras", help="a Keras model file without gates")

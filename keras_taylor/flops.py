@@ -29,6 +29,7 @@ class LayerCount:
     class_name: str
     flops: int
     params: int
+    latency_ms: float | None = None  # predicted by a LatencyTable (`profile(model, latency=...)`)
 
 
 @dataclass
@@ -38,6 +39,14 @@ class Profile:
     layers: list = field(default_factory=list)
     #: Input shape(s) without the batch axis the counts are for.
     input_shapes: list = field(default_factory=list)
+    fixed_latency_ms: float | None = None  # the table's per-model cost, when given one
+
+    @property
+    def latency_ms(self) -> float | None:
+        """Predicted whole-model latency (ms), when profiled with a `LatencyTable`."""
+        if self.fixed_latency_ms is None:
+            return None
+        return float(self.fixed_latency_ms + sum(l.latency_ms or 0.0 for l in self.layers))
 
     @property
     def flops(self) -> int:
@@ -52,13 +61,19 @@ class Profile:
 
     def table(self) -> str:
         """A plain-text table, one row per layer with a cost, then the total."""
-        rows = [(l.name, l.class_name, f"{l.flops:,}", f"{l.params:,}") for l in self.layers if l.flops or l.params]
-        rows.append(("total", "", f"{self.flops:,}", f"{self.params:,}"))
+        lat = self.fixed_latency_ms is not None
+        rows = [
+            (l.name, l.class_name, f"{l.flops:,}", f"{l.params:,}") + ((f"{l.latency_ms:.4f}" if l.latency_ms is not None else "",) if lat else ())
+            for l in self.layers if l.flops or l.params
+        ]
+        if lat:
+            rows.append(("fixed (per model)", "", "", "", f"{self.fixed_latency_ms:.4f}"))
+        rows.append(("total", "", f"{self.flops:,}", f"{self.params:,}") + ((f"{self.latency_ms:.4f}",) if lat else ()))
+        head = ("layer", "class", "FLOPs (MACs)", "params") + (("latency ms (pred.)",) if lat else ())
         if self.input_shapes:
             size = ", ".join(str(tuple(s)) for s in self.input_shapes)
-            rows.append((f"(input {size})", "", "", ""))
-        head = ("layer", "class", "FLOPs (MACs)", "params")
-        widths = [max(len(r[i]) for r in rows + [head]) for i in range(4)]
+            rows.append((f"(input {size})",) + ("",) * (len(head) - 1))
+        widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
         fmt = lambda r: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
         return "\n".join([fmt(head)] + [fmt(r) for r in rows])
 
@@ -195,8 +210,8 @@ def run_shortfall(model: keras.Model, graph: graph_lib.ChannelGraph) -> str | No
     run = recorded_run(model)
     if run is None:
         return None
-    if run["metric"] == "flops" and is_dynamic(graph):
-        return None  # FLOPs need an input size the gates do not record; not checked
+    if run["metric"] == "latency" or (run["metric"] == "flops" and is_dynamic(graph)):
+        return None  # needs the latency table / an input size the gates do not record: not checked
     cost = CostModel(graph)
     base = metric_values(cost, graph.alive_ids(()))[run["metric"]]
     now = metric_values(cost, graph.alive_ids(removed_groups_from_gates(model, graph)))[run["metric"]]
@@ -210,7 +225,7 @@ def run_shortfall(model: keras.Model, graph: graph_lib.ChannelGraph) -> str | No
     )
 
 
-def profile(model: keras.Model, input_shape=None) -> Profile:
+def profile(model: keras.Model, input_shape=None, latency=None) -> Profile:
     """Counts FLOPs (MACs) and params of every layer of `model`.
 
     Args:
@@ -221,6 +236,10 @@ def profile(model: keras.Model, input_shape=None) -> Profile:
             the model's input leaves height/width unknown
             (`keras.Input((None, None, 3))`, KerasHub's default): FLOPs depend
             on the size. Defaults to `None` (the model's own input shape).
+        latency: optional `keras_taylor.LatencyTable`; each channel-creating
+            layer then also gets its predicted latency (its segment: the layer
+            and the channel-wise layers riding on it), and the profile the
+            table's fixed per-model cost and `latency_ms` total.
 
     Returns:
         A `Profile`; `profile(m).params == m.count_params()` for an ungated
@@ -234,6 +253,15 @@ def profile(model: keras.Model, input_shape=None) -> Profile:
     graph = graph_lib.analyze(model, on_unknown="freeze", input_shape=input_shape)
     cost = CostModel(graph)
     alive = graph.alive_ids(removed_groups_from_gates(model, graph))
-    result = cost.profile(alive)
-    result.input_shapes = [tuple(s) for s in graph.input_shapes]
-    return result
+    prof = cost.profile(alive)
+    if latency is not None:
+        if not callable(getattr(latency, "cost_terms", None)):
+            raise ValueError(f"Expected latency to be a keras_taylor.LatencyTable. Received: latency={latency!r}")
+        terms = latency.cost_terms(graph)
+        ms = dict(terms.per_term(alive))
+        prof = Profile(
+            [LayerCount(l.name, l.class_name, l.flops, l.params, ms.get(l.name)) for l in prof.layers],
+            fixed_latency_ms=terms.constant,
+        )
+    prof.input_shapes = [tuple(s) for s in graph.input_shapes]
+    return prof

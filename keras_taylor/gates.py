@@ -42,7 +42,7 @@ _MODES = ("params", "output")
 COUNTERS = ("window_steps", "skipped", "batches", "last_event", "events", "target", "metric")
 
 #: What a pruning target can measure (`TaylorPruning(metric=...)`).
-METRICS = ("flops", "params", "channels")
+METRICS = ("flops", "params", "channels", "latency")
 
 _recorder = threading.local()
 

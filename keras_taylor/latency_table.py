@@ -1,0 +1,498 @@
+"""Latency lookup tables measured on the runtime the user deploys to.
+
+HALP (Shen, Molchanov et al., "Structural Pruning via Latency-Saliency
+Knapsack", NeurIPS 2022; NVlabs/HALP `prune/cost.py:CostCalculator`) keys a
+table by `(batch, c_in, c_out, fmap, kernel, stride, groups)` and charges the
+i-th channel of a layer the increment `LUT(c_in, k) − LUT(c_in, k−1)`. They
+ship one table (ResNet-50, TITAN V) and no script to build one. This module
+builds such a table for any Keras model on `"tf"` (graph-mode `tf.function`),
+`"tflite"` (LiteRT interpreter, XNNPACK, float32) or `"onnxruntime"` (CPU).
+
+What is measured, per channel-creating layer (Conv1D/2D/3D, grouped convs,
+Dense, SeparableConv, ConvTranspose), at its real input shape and batch size:
+
+- a *segment*: the layer followed by the chain of channel-wise layers that
+  ride on its output (BatchNormalization, activations, DepthwiseConv — so
+  MobileNet's depthwise work is charged to the expansion conv whose channels
+  it carries —, padding, pooling, dropout), as long as each has one input
+  and is the only consumer of the previous one;
+- two curves: latency against kept output channels at full input width,
+  `A(cout)`, and against kept input channels at full output width, `B(cin)`
+  (skipped when that side can never be pruned, e.g. the first conv's RGB
+  input or the classifier's outputs). The table predicts
+  `T(cin, cout) = A(cout) · B(cin) / B(full)` — bilinear work scales with
+  both, alignment steps show up in both. Riding work that depends only on
+  `cout` is scaled by the `cin` ratio too: a known simplification.
+- widths are sampled sparsely at multiples of `step` (default 8): `step`,
+  `2·step` and `full × {1/8, 1/4, …, 7/8}` rounded to a multiple, plus the
+  full width. A width between samples is first rounded *up* to a multiple
+  of `step` (the lanes a CPU/GPU kernel works in), then interpolated
+  linearly between samples — so the curve is a staircase that never smooths
+  across an alignment step.
+- every time has the per-call overhead of the runtime (measured on a model
+  with one tiny op) subtracted; a fixed per-model cost is the measured whole
+  model minus the sum of its segments at full width (the Add/Concatenate/
+  pooling work outside segments, call overhead, fusion effects), so the
+  prediction is exact for the unpruned model and the sum of the parts
+  predicts a pruned one.
+
+Timing follows `keras_taylor.latency`: all sample models of a segment are
+timed in interleaved rounds in a random order, and the minimum of the
+per-round means is kept: on a shared machine every slower round is a round in
+which something else held the core (on this project's 2-core box at load 9–11
+the 25th percentile still came out ~5× above an uncontended run), so the
+minimum is the estimate of the uncontended latency (as `timeit` advises).
+
+Tables are cached as JSON (`~/.cache/keras_taylor/latency/` or `cache_dir`)
+under a key of the segment's layer configs (names left out), input shape,
+batch size, runtime, device and library versions, so a second `measure` of
+the same model (or of one that shares layer signatures, like the repeated
+blocks of a ResNet) measures nothing again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import time
+
+import keras
+import numpy as np
+
+from keras_taylor import graph as graph_lib
+from keras_taylor import latency as latency_lib
+
+RUNTIMES = ("tf", "tflite", "onnxruntime")
+_FRACTIONS = (1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8)
+FORMAT = "keras_taylor.latency_table/1"
+
+L = keras.layers
+_RIDERS = (
+    L.BatchNormalization, L.Activation, L.ReLU, L.LeakyReLU, L.ELU, L.PReLU,
+    L.DepthwiseConv1D, L.DepthwiseConv2D,
+    L.ZeroPadding1D, L.ZeroPadding2D, L.ZeroPadding3D,
+    L.Cropping1D, L.Cropping2D, L.Cropping3D,
+    L.MaxPooling1D, L.MaxPooling2D, L.MaxPooling3D,
+    L.AveragePooling1D, L.AveragePooling2D, L.AveragePooling3D,
+    L.GlobalAveragePooling1D, L.GlobalAveragePooling2D, L.GlobalAveragePooling3D,
+    L.GlobalMaxPooling1D, L.GlobalMaxPooling2D, L.GlobalMaxPooling3D,
+    L.UpSampling1D, L.UpSampling2D, L.UpSampling3D,
+    L.Dropout, L.SpatialDropout1D, L.SpatialDropout2D, L.SpatialDropout3D, L.Identity,
+)
+
+
+def sample_widths(full: int, step: int = 8, multiple_of: int = 1, fractions=_FRACTIONS) -> list:
+    """The widths a curve is measured at (see the module docstring)."""
+    full = int(full)
+    unit = step * multiple_of // math.gcd(step, multiple_of)
+    out = {full}
+    for w in [step, 2 * step] + [full * f for f in fractions]:
+        w = int(math.ceil(w / unit) * unit)
+        if 0 < w < full:
+            out.add(w)
+    if multiple_of > 1:
+        out = {w for w in out if w % multiple_of == 0 or w == full}
+    return sorted(out)
+
+
+def _interp(widths, times, w, step, full) -> np.ndarray:
+    """The staircase: round up to `step` (but never past `full`), then interpolate."""
+    w = np.asarray(w, dtype=np.float64)
+    up = np.where(w >= full, full, np.minimum(np.ceil(w / step) * step, full))
+    return np.where(w <= 0, 0.0, np.interp(up, widths, times))
+
+
+# ---- segments -------------------------------------------------------------------
+def _config(layer) -> dict:
+    cfg = dict(layer.get_config())
+    cfg.pop("name", None)
+    cfg.pop("trainable", None)
+    return cfg
+
+
+def _segments(graph: graph_lib.ChannelGraph) -> list:
+    """`[(node, [rider nodes])]` for the first call of every creating layer."""
+    consumers: dict = {}
+    for n in graph.nodes:
+        for k in n.in_keys:
+            consumers.setdefault(k, []).append(n)
+    out, seen = [], set()
+    for n in graph.nodes:
+        if n.handler is None or not n.handler.creates_channels or n.name in seen:
+            continue
+        seen.add(n.name)
+        chain, cur = [], n
+        while len(cur.out_keys) == 1:
+            nxt = consumers.get(cur.out_keys[0], [])
+            if len(nxt) != 1 or len(nxt[0].in_keys) != 1 or not isinstance(nxt[0].inner, _RIDERS):
+                break
+            cur = nxt[0]
+            chain.append(cur)
+        out.append((n, chain))
+    return out
+
+
+def _real_shape(canonical, axis) -> list:
+    shape = list(canonical)
+    if axis is None or axis == len(shape) - 1:
+        return shape
+    c = shape.pop()
+    shape.insert(axis, c)
+    return shape
+
+
+class _Segment:
+    def __init__(self, node, chain, graph):
+        self.node, self.chain = node, chain
+        layer = node.inner
+        self.name = node.name
+        self.in_shape = _real_shape(node.in_shapes[0], node.in_axes[0])
+        self.in_axis = node.in_axes[0] if node.in_axes[0] is not None else len(self.in_shape) - 1
+        self.cin_full = int(node.in_shapes[0][-1])
+        self.cout_full = int(node.out_shapes[0][-1])
+        groups = int(getattr(layer, "groups", 1) or 1)
+        self.depthwise_form = groups > 1 and groups == self.cin_full == getattr(layer, "filters", None)
+        self.groups = 1 if self.depthwise_form else groups
+        of = graph.group_of_comp
+        self.out_prunable = bool((of[graph.comp_of[node.out_maps[0]]] >= 0).any())
+        self.in_prunable = (
+            not self.depthwise_form and bool((of[graph.comp_of[node.in_maps[0]]] >= 0).any())
+        )
+        self.layers = [layer] + [c.inner for c in chain]
+
+    def signature(self, batch_size) -> str:
+        parts = [[type(l).__name__, _config(l)] for l in self.layers]
+        return json.dumps([parts, self.in_shape[1:], batch_size], sort_keys=True, default=str)
+
+    def build(self, cin: int, cout: int, batch_size: int) -> keras.Model:
+        """The segment as a model with `cin` input and `cout` output channels."""
+        shape = list(self.in_shape[1:])
+        ax = self.in_axis - 1
+        shape[ax] = cout if self.depthwise_form else cin
+        x = inp = keras.Input(tuple(shape), batch_size=batch_size)
+        for i, layer in enumerate(self.layers):
+            cfg = _config(layer)
+            if i == 0:
+                key = "units" if "units" in cfg else "filters"
+                cfg[key] = int(cout)
+                if self.depthwise_form:
+                    cfg["groups"] = int(cout)
+            x = type(layer).from_config(cfg)(x)
+        return keras.Model(inp, x)
+
+
+# ---- runtimes ------------------------------------------------------------------------
+def _device(runtime) -> str:
+    import tensorflow as tf
+
+    cpu = platform.processor() or platform.machine()
+    if runtime == "tf":
+        gpus = tf.config.list_physical_devices("GPU")
+        if gpus:
+            return "GPU:" + ",".join(tf.config.experimental.get_device_details(g).get("device_name", g.name) for g in gpus)
+    return f"CPU:{cpu}:{os.cpu_count()}"
+
+
+def _versions(runtime) -> str:
+    import tensorflow as tf
+
+    v = f"tf {tf.__version__}, keras {keras.__version__}"
+    if runtime == "tflite":
+        try:
+            from importlib import metadata
+
+            v += f", ai_edge_litert {metadata.version('ai-edge-litert')}"
+        except Exception:  # noqa: BLE001 - tf.lite is used then
+            pass
+    if runtime == "onnxruntime":
+        import onnxruntime
+
+        v += f", onnxruntime {onnxruntime.__version__}"
+    return v
+
+
+def _runner(model: keras.Model, runtime: str, batch_size: int, rng):
+    """A no-argument callable that runs `model` once on a fixed random batch."""
+    import tensorflow as tf
+
+    shape = (batch_size, *model.inputs[0].shape[1:])
+    x = rng.uniform(0, 1, shape).astype("float32")
+    spec = tf.TensorSpec(shape, tf.float32)
+    fn = tf.function(lambda t: model(t, training=False), input_signature=[spec])
+    if runtime == "tf":
+        xt = tf.constant(x)
+        return lambda: fn(xt).numpy()
+    if runtime == "tflite":
+        from keras_taylor.export import _tflite_interpreter
+
+        conv = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], model)
+        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+        interp, _ = _tflite_interpreter(conv.convert())
+        interp.allocate_tensors()
+        i, o = interp.get_input_details()[0]["index"], interp.get_output_details()[0]["index"]
+
+        def run():
+            interp.set_tensor(i, x)
+            interp.invoke()
+            return interp.get_tensor(o)
+
+        return run
+    if runtime == "onnxruntime":
+        from keras_taylor.export import _import_onnx_converter, _import_onnxruntime, _tf2onnx_convert
+
+        tf2onnx, _ = _import_onnx_converter()
+        ort = _import_onnxruntime()
+        serve = tf.function(lambda t: {"output": model(t, training=False)}, input_signature=[tf.TensorSpec(shape, tf.float32, name="x")])
+        proto = _tf2onnx_convert(tf2onnx, serve, ["x"], 17, None)
+        sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        return lambda: sess.run(None, {"x": x})
+    raise ValueError(f"Expected runtime in {RUNTIMES}. Received: runtime={runtime!r}")
+
+
+# ---- the table --------------------------------------------------------------------------
+class LatencyTable:
+    """Per-layer latency curves of one model on one runtime, plus a fixed cost.
+
+    Build with `LatencyTable.measure(model, runtime=...)`; use as the `cost`
+    of `keras_taylor.selection.knapsack_removal`, as
+    `TaylorPruning(metric="latency", latency=table)`, or in
+    `keras_taylor.profile(model, latency=table)`. `predict(model)` gives the
+    predicted latency (ms) of the model or of any pruned version of it (layers
+    are matched by name).
+
+    Attributes:
+        runtime, batch_size, device, versions: what it was measured on.
+        layers: `{layer name: entry}`, an entry holding `cin_full`,
+            `cout_full`, `step`, `out_widths`/`out_ms` (A(cout)) and
+            `in_widths`/`in_ms` (B(cin), empty when the input is never pruned).
+        fixed_ms: the per-model cost outside the layers' curves.
+        full_ms: the measured latency of the unpruned model.
+    """
+
+    def __init__(self, layers, fixed_ms, full_ms, runtime, batch_size, device, versions, model_name=""):
+        self.layers = dict(layers)
+        self.fixed_ms = float(fixed_ms)
+        self.full_ms = float(full_ms)
+        self.runtime = runtime
+        self.batch_size = int(batch_size)
+        self.device = device
+        self.versions = versions
+        self.model_name = model_name
+
+    # ---- building -----------------------------------------------------------------
+    @classmethod
+    def measure(
+        cls,
+        model: keras.Model,
+        runtime: str = "tf",
+        batch_size: int = 1,
+        *,
+        step: int = 8,
+        rounds: int = 7,
+        fractions=_FRACTIONS,
+        cache_dir: str | None = None,
+        verbose: int = 1,
+        seed: int = 0,
+    ) -> "LatencyTable":
+        """Measures the table of `model` on `runtime` (see the module docstring).
+
+        Args:
+            model: a built Functional or Sequential model (gated or not:
+                gates are looked through).
+            runtime: `"tf"`, `"tflite"` or `"onnxruntime"`.
+            batch_size: batch size the latency is for. Defaults to `1`.
+            step: the alignment step widths are sampled and rounded at.
+            rounds: interleaved timing rounds per segment.
+            fractions: fractions of the full width sampled (rounded up to a
+                multiple of `step`; `step`, `2·step` and full are always
+                sampled). Defaults to eighths 1/8 … 7/8; fewer build faster.
+            cache_dir: where the JSON cache lives. Defaults to
+                `$KERAS_TAYLOR_CACHE` or `~/.cache/keras_taylor/latency`.
+            verbose: 1 shows a `keras.utils.Progbar`, 0 nothing.
+            seed: seed for inputs and round orders.
+
+        Raises:
+            ValueError: for an unknown runtime, a bad batch size/step/rounds,
+                or a model the analysis cannot read.
+            ImportError: for `"onnxruntime"` without tf2onnx/onnxruntime.
+        """
+        if runtime not in RUNTIMES:
+            raise ValueError(f"Expected runtime in {RUNTIMES}. Received: runtime={runtime!r}")
+        fractions = tuple(float(f) for f in fractions)
+        if not fractions or not all(0.0 < f < 1.0 for f in fractions):
+            raise ValueError(f"Expected fractions in (0, 1). Received: fractions={fractions!r}")
+        for arg, v in (("batch_size", batch_size), ("step", step), ("rounds", rounds)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"Expected {arg} to be an integer >= 1. Received: {arg}={v!r}")
+        if not isinstance(model, keras.Model):
+            raise ValueError(f"Expected a keras.Model. Received: model={model!r} of class {type(model).__name__}")
+        from keras_taylor.gates import is_gated, strip_gates
+
+        plain = strip_gates(model) if is_gated(model) else model
+        graph = graph_lib.analyze(plain, on_unknown="freeze")
+        segments = [_Segment(n, chain, graph) for n, chain in _segments(graph)]
+        device, versions = _device(runtime), _versions(runtime)
+        cache = _Cache(cache_dir, runtime, batch_size, device, versions)
+        rng = np.random.default_rng(seed)
+        bar = keras.utils.Progbar(len(segments) + 1, unit_name="layer") if verbose else None
+        overhead = cache.get("overhead")
+        if overhead is None:
+            probe = keras.Sequential([keras.Input((1,), batch_size=batch_size), keras.layers.ReLU()])
+            overhead = _time({"o": _runner(probe, runtime, batch_size, rng)}, rounds, rng)["o"]
+            cache.put("overhead", overhead)
+        layers = {}
+        for seg in segments:
+            key = _hash(seg.signature(batch_size) + f"|step={step}|fr={fractions}|in={seg.in_prunable}|out={seg.out_prunable}")
+            entry = cache.get(key)
+            if entry is None:
+                entry = _measure_segment(seg, runtime, batch_size, step, rounds, rng, overhead, fractions)
+                cache.put(key, entry)
+            layers[seg.name] = entry
+            if bar is not None:
+                bar.add(1)
+        full_key = _hash(json.dumps(plain.get_config(), sort_keys=True, default=str) + "|model")
+        full_ms = cache.get(full_key)
+        if full_ms is None:
+            full_ms = _time({"m": _runner(plain, runtime, batch_size, rng)}, rounds, rng)["m"] - overhead
+            cache.put(full_key, full_ms)
+        if bar is not None:
+            bar.add(1)
+        cache.save()
+        table = cls(layers, 0.0, full_ms, runtime, batch_size, device, versions, plain.name)
+        table.fixed_ms = full_ms - table.predict(plain)
+        return table
+
+    # ---- use ----------------------------------------------------------------------
+    def layer_ms(self, name: str, cin, cout):
+        """Predicted latency (ms) of layer `name`'s segment at `cin`/`cout` channels."""
+        e = self.layers[name]
+        a = _interp(e["out_widths"], e["out_ms"], cout, e["step"], e["cout_full"]) if e["out_widths"] else np.full(np.shape(cout), e["full_ms"])
+        if e["in_widths"]:
+            b = _interp(e["in_widths"], e["in_ms"], cin, e["step"], e["cin_full"])
+            a = a * (b / e["full_ms"] if e["full_ms"] > 0 else 1.0)
+        return a
+
+    def cost_terms(self, graph: graph_lib.ChannelGraph):
+        """The table as additive `selection.CostTerms` over `graph` (ms)."""
+        from keras_taylor.selection import CostTerms
+
+        terms, seen = [], set()
+        for n in graph.nodes:
+            if n.handler is None or not n.handler.creates_channels or n.name in seen:
+                continue
+            seen.add(n.name)
+            if n.name not in self.layers:
+                raise ValueError(
+                    f"Expected the latency table to hold layer {n.name!r} of model "
+                    f"{graph.model_name!r}: it was measured on model {self.model_name!r} "
+                    f"with layers {sorted(self.layers)[:8]}..."
+                )
+            e = self.layers[n.name]
+            in_ids = n.in_maps[0] if e["in_widths"] else None
+            terms.append((n.name, in_ids, n.out_maps[0], lambda cin, cout, name=n.name: self.layer_ms(name, cin, cout)))
+        return CostTerms(terms, self.fixed_ms, unit="ms")
+
+    def per_layer(self, model: keras.Model) -> dict:
+        """`{layer name: predicted ms}` of `model` (gated: live channels only)."""
+        from keras_taylor.flops import removed_groups_from_gates
+        from keras_taylor.gates import is_gated
+
+        graph = graph_lib.analyze(model, on_unknown="freeze")
+        removed = removed_groups_from_gates(model, graph) if is_gated(model) else ()
+        return dict(self.cost_terms(graph).per_term(graph.alive_ids(removed)))
+
+    def predict(self, model: keras.Model) -> float:
+        """Predicted latency (ms) of `model`: the measured model or a pruned/gated version."""
+        return self.fixed_ms + float(sum(self.per_layer(model).values()))
+
+    # ---- serialization ---------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT, "model_name": self.model_name, "runtime": self.runtime,
+            "batch_size": self.batch_size, "device": self.device, "versions": self.versions,
+            "fixed_ms": self.fixed_ms, "full_ms": self.full_ms, "layers": self.layers,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LatencyTable":
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise ValueError(f"Expected a latency table dict with format={FORMAT!r}. Received: {str(d)[:200]!r}")
+        return cls(d["layers"], d["fixed_ms"], d["full_ms"], d["runtime"], d["batch_size"], d["device"], d["versions"], d.get("model_name", ""))
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f)
+
+    @classmethod
+    def load(cls, path: str) -> "LatencyTable":
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+
+def _hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def _time(runners: dict, rounds: int, rng) -> dict:
+    """Minimum over rounds of per-round mean ms, interleaved (`latency.time_callables`)."""
+    return {k: v["min_ms"] for k, v in latency_lib.time_callables(runners, rounds=rounds, seed=int(rng.integers(1 << 30))).items()}
+
+
+def _measure_segment(seg: _Segment, runtime, batch_size, step, rounds, rng, overhead, fractions=_FRACTIONS) -> dict:
+    mult = seg.groups
+    outs = sample_widths(seg.cout_full, step, mult, fractions) if seg.out_prunable else [seg.cout_full]
+    ins = sample_widths(seg.cin_full, step, mult, fractions) if seg.in_prunable else []
+    runners = {}
+    for w in outs:
+        runners[("o", w)] = _runner(seg.build(seg.cin_full, w, batch_size), runtime, batch_size, rng)
+    for w in ins:
+        if w != seg.cin_full:
+            runners[("i", w)] = _runner(seg.build(w, seg.cout_full, batch_size), runtime, batch_size, rng)
+    keyed = {f"{k[0]}{k[1]}": r for k, r in runners.items()}
+    t = {k: max(v - overhead, 0.0) for k, v in _time(keyed, rounds, rng).items()}
+    full = t[f"o{seg.cout_full}"]
+    return {
+        "class": type(seg.layers[0]).__name__,
+        "riders": [type(l).__name__ for l in seg.layers[1:]],
+        "cin_full": seg.cin_full, "cout_full": seg.cout_full, "step": step, "full_ms": full,
+        "out_widths": outs if seg.out_prunable else [], "out_ms": [t[f"o{w}"] for w in outs] if seg.out_prunable else [],
+        "in_widths": ins, "in_ms": [full if w == seg.cin_full else t[f"i{w}"] for w in ins],
+    }
+
+
+class _Cache:
+    """One JSON file per (runtime, batch, device, versions)."""
+
+    def __init__(self, cache_dir, runtime, batch_size, device, versions):
+        cache_dir = cache_dir or os.environ.get("KERAS_TAYLOR_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "keras_taylor", "latency")
+        self.path = os.path.join(cache_dir, f"{runtime}_b{batch_size}_{_hash(device + '|' + versions)}.json")
+        self.data = {"device": device, "versions": versions, "entries": {}}
+        self.dirty = False
+        if os.path.exists(self.path):
+            try:
+                with open(self.path) as f:
+                    data = json.load(f)
+                if data.get("device") == device and data.get("versions") == versions:
+                    self.data = data
+            except (OSError, ValueError):
+                pass  # a broken cache is rebuilt
+
+    def get(self, key):
+        return self.data["entries"].get(key)
+
+    def put(self, key, value):
+        self.data["entries"][key] = value
+        self.dirty = True
+
+    def save(self):
+        if not self.dirty:
+            return
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        tmp = self.path + f".{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.data, f)
+        os.replace(tmp, self.path)
+        self.dirty = False

@@ -1,0 +1,185 @@
+"""keras_taylor.LatencyTable: measured per-layer latency, its cache, and pruning to it."""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_taylor as kt
+from keras_taylor import latency_table as lt
+from keras_taylor import selection
+from conftest import images, make
+
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def tiny(filters=16):
+    inp = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(filters, 3, padding="same", name="c0")(inp)
+    x = keras.layers.BatchNormalization(name="b0")(x)
+    x = keras.layers.ReLU(name="r0")(x)
+    x = keras.layers.Conv2D(16, 3, padding="same", name="c1")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    return keras.Model(inp, keras.layers.Dense(3, name="head")(x))
+
+
+def _count_measurements(monkeypatch):
+    calls = []
+    real = lt._measure_segment
+
+    def counting(seg, *args, **kwargs):
+        calls.append(seg.name)
+        return real(seg, *args, **kwargs)
+
+    monkeypatch.setattr(lt, "_measure_segment", counting)
+    return calls
+
+
+def test_segments_and_sample_widths():
+    graph = kt.analyze(tiny())
+    segs = {n.name: [c.name for c in chain] for n, chain in lt._segments(graph)}
+    assert segs == {"c0": ["b0", "r0"], "c1": ["gap"], "head": []}
+    assert lt.sample_widths(64) == [8, 16, 24, 32, 40, 48, 56, 64]
+    w = lt.sample_widths(100)
+    assert w[-1] == 100 and all(x % 8 == 0 for x in w[:-1])
+    assert all(x % 3 == 0 or x == 30 for x in lt.sample_widths(30, 8, multiple_of=3))
+
+
+def test_interpolation_is_a_staircase_across_alignment_steps():
+    widths, times = [8, 16, 32], [1.0, 1.0, 3.0]
+    got = lt._interp(widths, times, np.array([1, 8, 9, 16, 17, 24, 25, 32]), 8, 32)
+    # 9..16 cost like 16; 17..24 like 24 (halfway between the samples 16 and 32); 25 like 32.
+    np.testing.assert_allclose(got, [1.0, 1.0, 1.0, 1.0, 2.0, 2.0, 3.0, 3.0])
+    assert lt._interp(widths, times, 0, 8, 32) == 0.0
+
+
+def test_measure_tf_caches_and_invalidates(tmp_path, monkeypatch):
+    calls = _count_measurements(monkeypatch)
+    model = tiny()
+    table = kt.LatencyTable.measure(model, runtime="tf", rounds=2, cache_dir=str(tmp_path), verbose=0)
+    assert sorted(calls) == ["c0", "c1", "head"]
+    assert table.predict(model) == pytest.approx(table.full_ms)
+    assert table.layers["c0"]["in_widths"] == []  # RGB input: never pruned
+    assert table.layers["head"]["out_widths"] == []  # logits: never pruned
+    assert table.layers["c1"]["out_widths"] == [8, 16]
+    # Second call: nothing measured, same table.
+    again = kt.LatencyTable.measure(model, runtime="tf", rounds=2, cache_dir=str(tmp_path), verbose=0)
+    assert sorted(calls) == ["c0", "c1", "head"]
+    assert again.to_dict() == table.to_dict()
+    # Saved and loaded.
+    table.save(str(tmp_path / "t.json"))
+    assert kt.LatencyTable.load(str(tmp_path / "t.json")).to_dict() == table.to_dict()
+    # A changed layer is measured again (and the layer it feeds: its input shape changed), the rest not.
+    kt.LatencyTable.measure(tiny(filters=24), runtime="tf", rounds=2, cache_dir=str(tmp_path), verbose=0)
+    assert sorted(calls[3:]) == ["c0", "c1"]
+    # Another runtime: everything again.
+    kt.LatencyTable.measure(model, runtime="tflite", rounds=2, cache_dir=str(tmp_path), verbose=0)
+    assert sorted(calls[5:]) == ["c0", "c1", "head"]
+
+
+@pytest.mark.parametrize("runtime", ["tflite", "onnxruntime"])
+def test_measure_other_runtimes_predict_pruned_models(tmp_path, runtime):
+    if runtime == "onnxruntime":
+        pytest.importorskip("onnxruntime")
+        pytest.importorskip("tf2onnx")
+    model = tiny()
+    table = kt.LatencyTable.measure(model, runtime=runtime, rounds=3, cache_dir=str(tmp_path), verbose=0)
+    assert table.runtime == runtime and table.full_ms > 0
+    graph = kt.analyze(model)
+    scores = np.random.default_rng(0).uniform(size=graph.num_groups)
+    removed = selection.random_removal(graph, 0.6, np.random.default_rng(0))
+    pruned = kt.apply_plan(model, kt.PruningPlan.from_groups(graph, removed))
+    pred = table.predict(pruned)
+    assert np.isfinite(pred)
+    # The gated model with those gates at 0 predicts the same as the pruned model.
+    terms = table.cost_terms(graph)
+    assert terms.evaluate(graph.alive_ids(removed)) == pytest.approx(pred)
+    # Monotone-ish: every channel removed never predicts more than the dense model by much.
+    small = selection.greedy_removal(graph, scores)[0]
+    assert terms.evaluate(graph.alive_ids(small)) <= 1.5 * table.full_ms
+
+
+def test_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="runtime"):
+        kt.LatencyTable.measure(tiny(), runtime="tensorrt", cache_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="batch_size"):
+        kt.LatencyTable.measure(tiny(), batch_size=0, cache_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="LatencyTable"):
+        kt.TaylorPruning(metric="latency", target=0.5)
+    table = synthetic_table(tiny())
+    with pytest.raises(ValueError, match="hold layer"):
+        table.cost_terms(kt.analyze(make("plain")))
+
+
+def synthetic_table(model, step=4):
+    """A deterministic table: each layer costs (ceil(cout/step)·step)·(cin/full) + a rider term."""
+    graph = kt.analyze(model, on_unknown="freeze")
+    layers = {}
+    for node, _ in lt._segments(graph):
+        seg = lt._Segment(node, [], graph)
+        outs = list(range(1, seg.cout_full + 1)) if seg.out_prunable else []
+        ins = list(range(1, seg.cin_full + 1)) if seg.in_prunable else []
+        full = float(seg.cout_full)
+        layers[node.name] = {
+            "class": "X", "riders": [], "cin_full": seg.cin_full, "cout_full": seg.cout_full, "step": step,
+            "full_ms": full, "out_widths": outs, "out_ms": [float(np.ceil(w / step) * step) for w in outs],
+            "in_widths": ins, "in_ms": [full * w / seg.cin_full for w in ins],
+        }
+    table = kt.LatencyTable(layers, 0.0, 0.0, "synthetic", 1, "none", "none", model.name)
+    table.fixed_ms = 1.0
+    table.full_ms = table.predict(model)
+    return table
+
+
+def test_profile_shows_predicted_latency():
+    model = tiny()
+    table = synthetic_table(model)
+    prof = kt.profile(model, latency=table)
+    assert prof.latency_ms == pytest.approx(table.full_ms)
+    assert prof.by_name()["c0"].latency_ms == pytest.approx(16.0)
+    assert "latency ms" in prof.table() and "fixed (per model)" in prof.table()
+    assert kt.profile(model).latency_ms is None and "latency" not in kt.profile(model).table()
+
+
+@pytest.mark.parametrize("multiple", [None, 4])
+def test_latency_targeted_fit_ends_under_its_predicted_budget(multiple):
+    model = make("residual")
+    gated = kt.add_gates(model)
+    table = synthetic_table(model)
+    gated.compile(optimizer=keras.optimizers.SGD(0.01), loss=LOSS)
+    pruner = kt.TaylorPruning(
+        metric="latency", target=0.7, latency=table, prune_every=2, channels_per_step=4, channel_multiple=multiple,
+    )
+    x, y = images(64, 0), np.random.default_rng(0).integers(0, 5, 64)
+    gated.fit(x, y, batch_size=8, epochs=3, verbose=0, callbacks=[pruner])
+    assert pruner.done
+    hist = pruner.history
+    assert len(hist) >= 2  # reached on a schedule, not in one step
+    budgets = [h["latency_budget"] for h in hist]
+    assert all(b2 <= b1 + 1e-12 for b1, b2 in zip(budgets, budgets[1:]))
+    for h in hist:
+        assert h["latency_fraction"] <= h["latency_budget"] + 1e-9
+    assert hist[-1]["latency_fraction"] <= 0.7 + 1e-9
+    pruned = kt.prune(gated)
+    assert table.predict(pruned) <= 0.7 * table.full_ms + 1e-6
+    if multiple:
+        graph = kt.analyze(gated)
+        for row in selection.alignment_report(graph, pruner.removed, multiple):
+            assert row.aligned, row
+
+
+def test_cli_latency_table_and_prune_flags(tmp_path, monkeypatch, capsys):
+    from keras_taylor import cli
+
+    monkeypatch.setenv("KERAS_TAYLOR_CACHE", str(tmp_path / "cache"))
+    path = str(tmp_path / "m.keras")
+    tiny().save(path)
+    out = str(tmp_path / "table.json")
+    assert cli.main(["latency-table", path, "--runtime", "tf", "--output", out]) == 0
+    table = kt.LatencyTable.load(out)
+    assert set(table.layers) == {"c0", "c1", "head"} and table.runtime == "tf"
+    assert "latency ms" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["prune", path, "--data", "x.npz", "--epochs", "1",
+                                       "--target-flops", "0.5", "--target-latency", "0.5"])
+    args = cli.build_parser().parse_args(["prune", path, "--data", "x.npz", "--epochs", "1", "--target-latency", "0.5"])
+    assert args.target_latency == 0.5 and args.target_flops is None and args.runtime == "tflite"
