@@ -309,6 +309,7 @@ def analyze(model: keras.Model, on_unknown: str = "error") -> ChannelGraph:
     consumers: dict = {}  # id(KerasTensor) -> [layer names]
     inputs, outputs = _compat.graph_inputs_outputs(model)
     calls = list(_compat.nodes_in_order(model))
+    roles = _compat.argument_roles(model)  # call parameter of each input (for attention)
     input_axes = _input_axes(inputs, calls)
     for t in inputs:
         axes[id(t)] = input_axes[id(t)]
@@ -339,6 +340,7 @@ def analyze(model: keras.Model, on_unknown: str = "error") -> ChannelGraph:
         out_shapes = [_canonical(s, a) for s, a in zip(real_out, out_axes)]
         uf.in_axes, uf.out_axes = in_axes, out_axes
         uf.internal = []
+        uf.in_roles = roles.get(id(out_tensors[0])) if out_tensors else None
         if handler is None:
             out_maps = []
             for s in out_shapes:
