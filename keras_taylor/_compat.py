@@ -57,6 +57,41 @@ def nodes_in_order(model: keras.Model):
             yield layer, list(node.input_tensors), list(node.output_tensors)
 
 
+def argument_roles(model: keras.Model) -> dict:
+    """`{id(first output tensor): [argument name of each input tensor]}` per call.
+
+    The input tensors of a node are its call's arguments flattened
+    (positional arguments first, then keyword arguments by sorted name); this
+    names each one after its `call` parameter (`query`, `value`, `key`,
+    `attention_mask`). Calls whose arguments cannot be matched are left out.
+    """
+    import inspect
+
+    fn = functional_of(model)
+    out = {}
+    for nodes in fn._nodes_by_depth.values():
+        for node in nodes:
+            op = node.operation
+            if isinstance(op, keras.layers.InputLayer) or not node.output_tensors:
+                continue
+            args = getattr(node.arguments, "args", ())
+            kwargs = getattr(node.arguments, "kwargs", {})
+            try:
+                names = list(inspect.signature(op.call).parameters)
+            except (TypeError, ValueError):
+                continue
+            roles = []
+            for i, a in enumerate(args):
+                n = sum(isinstance(t, keras.KerasTensor) for t in keras.tree.flatten(a))
+                roles += [names[i] if i < len(names) else f"arg{i}"] * n
+            for k in sorted(kwargs):
+                n = sum(isinstance(t, keras.KerasTensor) for t in keras.tree.flatten(kwargs[k]))
+                roles += [k] * n
+            if len(roles) == len(node.input_tensors):
+                out[id(node.output_tensors[0])] = roles
+    return out
+
+
 def graph_inputs_outputs(model: keras.Model):
     fn = functional_of(model)
     return list(fn.inputs), list(fn.outputs)

@@ -105,12 +105,17 @@ def num_head_gates(layer) -> int:
 class AttentionHandler(handlers_lib.LayerHandler):
     """`MultiHeadAttention` and `GroupQueryAttention`: heads are channel groups.
 
-    Channel maps: inputs are `(query, value[, key])`; the layer makes one
-    internal map of head ids (GQA: key/value groups), which is what its gate
-    covers, and a second internal map naming the channels the key projection
-    reads (the key input's, or the value's when no key is passed), so that
-    surgery knows them. Output channels are new and fixed. Tensors beyond a
-    key (an `attention_mask`) are fixed: their channels are not pruned.
+    Channel maps: the layer makes one internal map of gate ids (heads; GQA:
+    key/value groups; with `head_dims`, also value and QK dimensions), which
+    is what its gate covers, followed by the maps of its query, value and key
+    inputs (the value's when no key is passed), so that surgery and the cost
+    model know which input is which. Output channels are new and fixed.
+    Other tensors (an `attention_mask`) are fixed: their channels are not
+    pruned.
+
+    Args:
+        head_dims: also gate value and QK dimensions of `MultiHeadAttention`
+            (see `segments`). Defaults to `False`.
     """
 
     creates_channels = True
@@ -146,20 +151,33 @@ class AttentionHandler(handlers_lib.LayerHandler):
         return True
 
     @staticmethod
-    def _key_index(in_shapes) -> int:
-        """Index of the key input: 2 when a third input is shaped like the
-        value (all but the channel axis), else 1 (the value)."""
-        if len(in_shapes) > 2 and tuple(in_shapes[2][1:-1]) == tuple(in_shapes[1][1:-1]):
-            return 2
-        return 1
+    def roles(layer, in_shapes, in_roles=None) -> tuple:
+        """Indices of the `(query, value, key)` inputs among a call's tensors.
+
+        From the call's argument names when the analysis knows them (a node's
+        tensors are its positional arguments, then its keyword arguments by
+        sorted name); otherwise the first two tensors are the query and the
+        value, and a third is the key when it is shaped like the value (but
+        for its channel axis) and as wide as the key projection's input.
+        """
+        if in_roles is not None and "query" in in_roles and "value" in in_roles:
+            q, v = in_roles.index("query"), in_roles.index("value")
+            return q, v, in_roles.index("key") if "key" in in_roles else v
+        if (
+            len(in_shapes) > 2
+            and tuple(in_shapes[2][1:-1]) == tuple(in_shapes[1][1:-1])
+            and in_shapes[2][-1] == _parts(layer)["key"].kernel.shape[0]
+        ):
+            return 0, 1, 2
+        return 0, 1, 1
 
     def propagate(self, layer, in_maps, in_shapes, out_shapes, ctx):
-        k = self._key_index(in_shapes)
+        q, v, k = self.roles(layer, in_shapes, getattr(ctx, "in_roles", None))
         for i, m in enumerate(in_maps):
-            if i > 2 or (i == 2 and k != 2):
+            if i not in (q, v, k):
                 ctx.fix(m, f"is not the query, key or value of {layer.name!r} ({type(layer).__name__})")
         if _is_gqa(layer):  # its output width is its query width
-            ctx.fix(in_maps[0], f"is the query of {layer.name!r} (GroupQueryAttention), whose output width follows it")
+            ctx.fix(in_maps[q], f"is the query of {layer.name!r} (GroupQueryAttention), whose output width follows it")
         heads = ctx.new_ids(self.num_gates(layer))
         h, nv, nq = self.segments(layer)
         if nv or nq:
@@ -170,7 +188,7 @@ class AttentionHandler(handlers_lib.LayerHandler):
         if internal is None:
             ctx.fix(heads, "the analysis context keeps no internal maps")
         else:
-            internal.extend([heads, in_maps[k]])
+            internal.extend([heads, in_maps[q], in_maps[v], in_maps[k]])
         outs = []
         for s in out_shapes:
             ids = ctx.new_ids(s[-1] if len(s) > 1 else 1)
@@ -207,7 +225,8 @@ class AttentionHandler(handlers_lib.LayerHandler):
         ratio = info["q_heads"] // info["kv_heads"]
         q_heads = (kept_groups[:, None] * ratio + np.arange(ratio)[None, :]).reshape(-1)
         kv_heads = kept_groups
-        rows = {"query": kept_in[0], "gate": kept_in[0], "value": kept_in[1], "key": kept_out[2]}
+        # Internal maps after the output's: gates, query, value and key channels.
+        rows = {"query": kept_out[2], "gate": kept_out[2], "value": kept_out[3], "key": kept_out[4]}
         heads = {"query": q_heads, "gate": q_heads, "key": kv_heads, "value": kv_heads}
         dims = {"query": qk_dims, "key": qk_dims, "value": v_dims, "gate": v_dims}
         # Keras scales queries by 1/sqrt(key_dim): fewer QK dims change it, so
@@ -275,7 +294,9 @@ def attention_cost(layer, node, segments=None):
     h, nv, nq = segments or (info["kv_heads"], 0, 0)
     parts = _parts(layer)
     bias = getattr(layer, "_use_bias", getattr(layer, "use_bias", True))
-    q_shape, v_shape = node.in_shapes[0], node.in_shapes[1]
+    heads, q_ids, v_ids, k_ids = node.internal_maps[:4]
+    q_shape = node.in_shapes[next(i for i, m in enumerate(node.in_maps) if m is q_ids)]
+    v_shape = node.in_shapes[next(i for i, m in enumerate(node.in_maps) if m is v_ids)]
     pq = math.prod(q_shape[1:-1])
     pk = math.prod(v_shape[1:-1])
     axes = getattr(layer, "_attention_axes", None)
@@ -286,8 +307,6 @@ def attention_cost(layer, node, segments=None):
         sk = pk
     out_kernel = tuple(parts["output"].kernel.shape)
     out_extra = math.prod(out_kernel[2:-1])  # output_shape with more than one axis
-    q_ids, v_ids = node.in_maps[0], node.in_maps[1]
-    heads, k_ids = node.internal_maps[0], node.internal_maps[1]
     o_ids = node.out_maps[0]
     gate = "gate" in parts
 

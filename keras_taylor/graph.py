@@ -451,6 +451,7 @@ def analyze(model: keras.Model, on_unknown: str = "error", input_shape=None) -> 
     sizes = _compat.concrete_shapes(model, full_shapes) if full_shapes is not None else {}
     shape_of = lambda t: sizes.get(id(t)) or _shape(t)
     calls = list(_compat.nodes_in_order(model))
+    roles = _compat.argument_roles(model)  # call parameter of each input (for attention)
     input_axes = _input_axes(inputs, calls)
     for t in inputs:
         axes[id(t)] = input_axes[id(t)]
@@ -481,6 +482,7 @@ def analyze(model: keras.Model, on_unknown: str = "error", input_shape=None) -> 
         out_shapes = [_canonical(s, a) for s, a in zip(real_out, out_axes)]
         uf.in_axes, uf.out_axes = in_axes, out_axes
         uf.internal = []
+        uf.in_roles = roles.get(id(out_tensors[0])) if out_tensors else None
         if handler is None:
             out_maps = []
             for s in out_shapes:

@@ -61,6 +61,16 @@ def cross_attention():
     return keras.Model([q_in, kv_in], layers.Dense(3, name="out")(y))
 
 
+def masked_attention():
+    """Self-attention with an `attention_mask` tensor (a third tensor that is not a key)."""
+    keras.utils.set_random_seed(5)
+    inputs, mask = keras.Input((5, 4), name="seq"), keras.Input((5, 5), dtype="bool", name="mask")
+    x = layers.Dense(5, activation="relu", name="pre")(inputs)
+    y = layers.MultiHeadAttention(3, 2, name="mha")(x, x, attention_mask=mask)
+    y = layers.GlobalAveragePooling1D(name="pool")(y)
+    return keras.Model([inputs, mask], layers.Dense(3, name="out")(y))
+
+
 def gqa_block():
     keras.utils.set_random_seed(4)
     inputs = keras.Input((5, 4), name="seq")
@@ -73,7 +83,12 @@ def gqa_block():
 def _inputs(model, n=4, seed=0):
     """One array per model input (the array itself for a single input)."""
     rng = np.random.default_rng(seed)
-    xs = [rng.normal(size=(n, *t.shape[1:])).astype("float32") for t in model.inputs]
+    xs = [
+        (rng.random((n, *t.shape[1:])) > 0.4) | np.eye(t.shape[-1], dtype=bool)
+        if t.dtype == "bool"
+        else rng.normal(size=(n, *t.shape[1:])).astype("float32")
+        for t in model.inputs
+    ]
     return xs if len(xs) > 1 else xs[0]
 
 
@@ -282,12 +297,13 @@ FACTORIES = {
     "attention_axes": axes_attention,
     "cross_attention": cross_attention,
     "gqa": gqa_block,
+    "attention_mask": masked_attention,
     "vit": tiny_vit,
     "vit_gqa": lambda: tiny_vit(gqa=True),
 }
 
 
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("name", sorted(FACTORIES))
 def test_surgery_equals_masking(name, seed):
     model = FACTORIES[name]()
@@ -397,6 +413,7 @@ def test_per_flop_divides_by_group_cost():
         kt.attention.PerFlop("nope")
 
 
+@pytest.mark.slow
 def test_taylor_pruning_prunes_heads_and_mlp_units_of_a_vit():
     model = tiny_vit()
     gated = kt.add_gates(model)
@@ -425,10 +442,10 @@ def head_dims():
     handlers._REGISTRY[:] = before
 
 
-MHA_FACTORIES = ["mha", "mha_no_bias", "mha_use_gate", "attention_axes", "cross_attention", "vit"]
+MHA_FACTORIES = ["mha", "mha_no_bias", "mha_use_gate", "attention_axes", "cross_attention", "attention_mask", "vit"]
 
 
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("name", MHA_FACTORIES)
 def test_head_dims_surgery_equals_masking(head_dims, name, seed):
     model = FACTORIES[name]()
