@@ -99,6 +99,13 @@ class TaylorPruning(keras.callbacks.Callback):
             under `target`: it may restore a few of the last-removed groups
             of a layer (weights as they were) and remove a few more
             low-scored ones elsewhere. Defaults to `None` (no rounding).
+        normalization: how scores are normalised per layer before the global
+            ranking (`keras_taylor.criteria.normalize_scores`): `"none"`
+            (CVPR'19, raw global ranking), `"l2_layer"` (ICLR'17, divided by
+            the layer's L2 norm) or `"mean_group"` (Torch-Pruning's default,
+            divided by the coupled group's mean). Defaults to `None`: the
+            criterion's own (`"l2_layer"` for the ICLR'17 criteria, `"none"`
+            for the others).
 
     Example:
 
@@ -127,6 +134,7 @@ class TaylorPruning(keras.callbacks.Callback):
         start_step: int = 0,
         criterion="taylor_fo_bn",
         channel_multiple: int | None = None,
+        normalization: str | None = None,
     ):
         super().__init__()
         if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0.0 < float(target) <= 1.0:
@@ -156,6 +164,7 @@ class TaylorPruning(keras.callbacks.Callback):
         self.channel_multiple = channel_multiple
         criteria_lib.get(criterion)  # refuse an unknown criterion now, not at fit time
         self.criterion = criterion
+        self.normalization = criteria_lib.check_normalization(normalization)
         self._graph = None
         self._scorer = None
         self._model_id = None
@@ -197,6 +206,7 @@ class TaylorPruning(keras.callbacks.Callback):
         self._base = self._measure(np.ones(len(graph.comp_of), dtype=bool))
         self._layer_of_group = self._group_layer_counts(graph)
         self._context = ranking_context(graph, self._scorer, self._cost)
+        self._context.normalization = self.normalization
         n = self.channels_per_step
         if n is None:
             n = max(1, int(round(_PAPER_CHANNELS_PER_STEP * graph.num_groups / _PAPER_GATED_CHANNELS)))
@@ -318,6 +328,7 @@ class TaylorPruning(keras.callbacks.Callback):
         removed = set(self.removed)
         alive = graph.alive_ids(removed)
         counts = graph.layer_channel_counts(removed)
+        self._context.removed = removed
         ranked = np.asarray(self._scorer.criterion.rank(self.ema, self._context), dtype="float64")
         order = np.argsort(np.where(np.isfinite(ranked), ranked, np.inf), kind="stable")
         taken = []
