@@ -127,6 +127,13 @@ class TaylorPruning(keras.callbacks.Callback):
             to `None`: the model's own input shape, or, when that leaves sizes
             unknown, the shape of the first training batch (logged;
             `input_shapes` holds the size used).
+        normalization: how scores are normalised per layer before the global
+            ranking (`keras_taylor.criteria.normalize_scores`): `"none"`
+            (CVPR'19, raw global ranking), `"l2_layer"` (ICLR'17, divided by
+            the layer's L2 norm) or `"mean_group"` (Torch-Pruning's default,
+            divided by the coupled group's mean). Defaults to `None`: the
+            criterion's own (`"l2_layer"` for the ICLR'17 criteria, `"none"`
+            for the others).
 
     The progress bar and `logs` show `kt_flops` and `kt_params`, the
     fractions of the unpruned model's FLOPs and params left; `history` and
@@ -176,6 +183,7 @@ class TaylorPruning(keras.callbacks.Callback):
         channel_multiple: int | None = None,
         input_shape=None,
         latency=None,
+        normalization: str | None = None,
     ):
         super().__init__()
         if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0.0 < float(target) <= 1.0:
@@ -220,6 +228,7 @@ class TaylorPruning(keras.callbacks.Callback):
             )
         self.input_shape = input_shape
         self.input_shapes = None  # the input size(s) FLOPs/params are counted at
+        self.normalization = criteria_lib.check_normalization(normalization)
         self._graph = None
         self._cost = None
         self._scorer = None
@@ -335,6 +344,7 @@ class TaylorPruning(keras.callbacks.Callback):
         self.input_shapes = [tuple(s) for s in sized_graph.input_shapes]
         self._base = self._measure(np.ones(len(self._graph.comp_of), dtype=bool))
         self._context = ranking_context(self._graph, self._scorer, self._cost)
+        self._context.normalization = self.normalization
 
     def _size_from_data(self) -> None:
         """Reads the model at the size of the first training batch (the
@@ -502,6 +512,7 @@ class TaylorPruning(keras.callbacks.Callback):
 
         removed = set(self.removed)
         alive = graph.alive_ids(removed)
+        self._context.removed = removed
         ranked = np.asarray(self._scorer.criterion.rank(self.ema, self._context), dtype="float64")
         if self.metric == "latency":
             taken, reached = self._knapsack_step(graph, ranked, removed, alive)

@@ -42,6 +42,80 @@ import numpy as np
 from keras import ops
 
 
+# ---- normalisation before the global ranking ---------------------------------------------
+NORMALIZATIONS = ("none", "l2_layer", "mean_group")
+
+
+def check_normalization(normalization):
+    """Returns `normalization` if it is `None` or one of `NORMALIZATIONS`, else raises."""
+    if normalization is not None and normalization not in NORMALIZATIONS:
+        raise ValueError(
+            f"Expected normalization to be None (the criterion's own) or one of {NORMALIZATIONS}. "
+            f"Received: normalization={normalization!r}"
+        )
+    return normalization
+
+
+def _per_label(scores, labels, live, divisor) -> np.ndarray:
+    """Divides each label's scores by `divisor(live finite scores of the label)`
+    (left as they are when the divisor is not a positive finite number)."""
+    out = np.asarray(scores, dtype="float64").copy()
+    labels = np.asarray(labels)
+    if labels.shape != out.shape:
+        raise ValueError(f"Expected one layer label per group ({out.shape}). Received: {labels.shape} labels.")
+    live = np.ones(out.shape, dtype=bool) if live is None else np.asarray(live, dtype=bool)
+    for label in np.unique(labels):
+        rows = labels == label
+        use = rows & live & np.isfinite(out)
+        d = divisor(out[use]) if use.any() else 0.0
+        if np.isfinite(d) and d > 0:
+            out[rows] = out[rows] / d
+    return out
+
+
+def l2_layer(scores, labels, live=None) -> np.ndarray:
+    """ICLR'17 §2.2 per-layer L2 normalisation: `Θ / ||Θ_layer||_2`.
+
+    The norm of a layer is taken over its live groups with finite scores.
+    """
+    return _per_label(scores, labels, live, lambda v: float(np.sqrt(np.sum(v**2))))
+
+
+def mean_group(scores, labels, live=None) -> np.ndarray:
+    """Torch-Pruning's default `normalizer="mean"`: `Θ / mean(Θ_group)`.
+
+    Torch-Pruning (`pruner/importance.py`, `GroupMagnitudeImportance._normalize`,
+    used by `GroupTaylorImportance`) divides the importance vector of one
+    dependency group — every channel index of a set of coupled layers, e.g.
+    all the convs feeding one residual stream — by its mean, over the
+    channels that still exist. A keras_taylor group is one channel index of
+    such a set, and groups of the same set share a layer label, so the mean
+    is over the live groups with finite scores of the same label.
+    """
+    return _per_label(scores, labels, live, lambda v: float(np.mean(v)))
+
+
+def normalize_scores(scores, labels, normalization: str, live=None) -> np.ndarray:
+    """Applies one of `NORMALIZATIONS` per layer label (pure function).
+
+    Args:
+        scores: one score per channel group.
+        labels: one layer label per group (`oracle.group_labels`).
+        normalization: `"none"` (CVPR'19: the raw scores, ranked globally),
+            `"l2_layer"` (ICLR'17: divided by the layer's L2 norm) or
+            `"mean_group"` (Torch-Pruning: divided by the coupled group's mean).
+        live: optional boolean mask of the groups not yet removed; the norm
+            or mean is over those only (removed groups are scaled alike).
+
+    Returns:
+        A float64 array, the same shape as `scores`.
+    """
+    check_normalization(normalization)
+    if normalization in (None, "none"):
+        return np.asarray(scores, dtype="float64")
+    return (l2_layer if normalization == "l2_layer" else mean_group)(scores, labels, live)
+
+
 class Criterion:
     """Base class for importance criteria.
 
@@ -59,6 +133,7 @@ class Criterion:
 
     name = "criterion"
     uses_activations = False
+    default_normalization = "none"
 
     def build(self, num_groups: int) -> None:
         """Creates any state the criterion needs, eagerly, before tracing."""
@@ -66,9 +141,19 @@ class Criterion:
     def batch_score(self, signals):  # pragma: no cover - interface
         raise NotImplementedError
 
+    def normalization(self, context) -> str:
+        """The normalisation in effect: the context's (`TaylorPruning(normalization=)`)
+        when set, else the criterion's own `default_normalization`."""
+        chosen = getattr(context, "normalization", None)
+        return chosen if chosen is not None else self.default_normalization
+
     def rank(self, scores: np.ndarray, context) -> np.ndarray:
-        """Scores used for the global ranking (default: the scores)."""
-        return scores
+        """Scores used for the global ranking: the scores, normalised per layer
+        label as `self.normalization(context)` says (default: not at all)."""
+        method = self.normalization(context)
+        if method == "none":
+            return scores
+        return normalize_scores(scores, context.layer_labels, method, context.live())
 
     def get_config(self) -> dict:
         return {}
@@ -92,13 +177,28 @@ class RankingContext:
             (the FLOPs its removal saves in the unpruned model).
         bn_groups: per group, whether a BatchNormalization channel is among
             its members.
+        normalization: one of `NORMALIZATIONS`, or `None` for each
+            criterion's own (`Criterion.default_normalization`).
+
+    Attributes:
+        removed: the groups removed so far (set by the caller before each
+            ranking); per-layer norms and means are over the others.
     """
 
-    def __init__(self, layer_labels, group_flops=None, bn_groups=None):
+    def __init__(self, layer_labels, group_flops=None, bn_groups=None, normalization=None):
         self.layer_labels = np.asarray(layer_labels)
         self._group_flops = group_flops
         self._flops = None
         self.bn_groups = None if bn_groups is None else np.asarray(bn_groups, dtype=bool)
+        self.normalization = check_normalization(normalization)
+        self.removed = ()
+
+    def live(self) -> np.ndarray:
+        """Per group, whether it is not in `removed`."""
+        live = np.ones(len(self.layer_labels), dtype=bool)
+        removed = np.fromiter((int(g) for g in self.removed), dtype=np.int64)
+        live[removed] = False
+        return live
 
     def group_flops(self) -> np.ndarray:
         """Per-group FLOPs, normalised by the largest (in (0, 1])."""
@@ -220,16 +320,12 @@ class _LayerNormalized(Criterion):
         self.flops_regularization = float(flops_regularization)
         self.normalize = normalize
 
+    @property
+    def default_normalization(self):
+        return "l2_layer" if self.normalize else "none"
+
     def rank(self, scores, context):
-        out = np.asarray(scores, dtype="float64").copy()
-        if self.normalize:
-            labels = context.layer_labels
-            for label in np.unique(labels):
-                rows = labels == label
-                vals = out[rows]
-                norm = np.sqrt(np.sum(vals[np.isfinite(vals)] ** 2))
-                if norm > 0:
-                    out[rows] = vals / norm
+        out = normalize_scores(scores, context.layer_labels, self.normalization(context), context.live())
         if self.flops_regularization > 0:
             out = out - self.flops_regularization * context.group_flops()
         return out
@@ -289,6 +385,7 @@ class BNScale(Criterion):
         return signals.bn_scale
 
     def rank(self, scores, context):
+        scores = super().rank(scores, context)
         if context.bn_groups is None:
             return scores
         return np.where(context.bn_groups, scores, np.nan)
