@@ -96,9 +96,8 @@ class TaylorPruning(keras.callbacks.Callback):
         channels_per_step: channel groups removed per pruning step (N).
             Defaults to enough groups to reach `target` by about half of the
             training that `fit` runs (sized from the `epochs` and `steps` that
-            Keras gives callbacks: `(1 - sqrt(target))` of the groups for
-            FLOPs/params, `(1 - target)` for channels, spread over the
-            pruning steps that fit in the first half), and at least the
+            Keras gives callbacks: `(1 - target)` of the groups, spread over
+            the pruning steps that fit in the first half), and at least the
             paper's rate (100 per 52,672 gated channels of ResNet-101,
             scaled to this model's number of groups). The choice is logged
             (logger `"keras_taylor"`, INFO) and kept in `state()`.
@@ -325,9 +324,11 @@ class TaylorPruning(keras.callbacks.Callback):
         total = int(epochs) * int(steps)
         half = total // 2
         events = max(1, (half - self.start_step) // self.prune_every)
-        # Removing a fraction f of the channels everywhere keeps ~(1 - f)^2 of
-        # the FLOPs and params (both sides of each conv shrink).
-        share = 1.0 - self.target if self.metric == "channels" else 1.0 - math.sqrt(self.target)
+        # Removing a fraction f of the groups everywhere would keep ~(1 - f)^2
+        # of the FLOPs, but the ranking removes cheap channels first, so plan
+        # for removing (1 - target) of the groups: on a ResNet this reaches a
+        # FLOPs target in about half the planned steps or a little more.
+        share = 1.0 - self.target
         need = math.ceil(share * graph.num_groups)
         n = max(paper, math.ceil(need / events))
         logger.info(

@@ -272,3 +272,67 @@ def test_logs_hold_fractions_not_a_count_formatted_as_a_float():
     assert "kt_pruned" not in seen[-1]
     assert 0.0 < seen[-1]["kt_flops"] < 1.0 and 0.0 < seen[-1]["kt_params"] < 1.0
     assert math.isclose(seen[0]["kt_flops"], 1.0)
+
+
+# ---- 10. the notebooks' install cell --------------------------------------------------------------
+
+REPO = __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__)))
+
+
+def _install_cell(name):
+    import json
+    import os
+
+    with open(os.path.join(REPO, "colab", name)) as f:
+        cells = json.load(f)["cells"]
+    cells = ["".join(c["source"]) for c in cells if c["cell_type"] == "code" and "# Install" in "".join(c["source"])]
+    assert len(cells) == 1
+    return cells[0]
+
+
+def _run_install_cell(code, cwd, env_repo, git_url=""):
+    """Runs the cell as a fresh kernel would where keras_taylor is not
+    installed; records the commands it would run instead of running them."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    prelude = (
+        "import importlib.util as _u, subprocess as _s, json, sys\n"
+        "_find = _u.find_spec\n"
+        "_u.find_spec = lambda n, *a: None if n == 'keras_taylor' else _find(n, *a)\n"
+        "CALLS = []\n"
+        "_s.run = lambda cmd, **kw: CALLS.append(cmd)\n"
+        "sys.modules['keras_taylor'] = type(sys)('keras_taylor'); sys.modules['keras_taylor'].__version__ = 'x'\n"
+    )
+    epilogue = "\nprint('CALLS=' + json.dumps(CALLS))\n"
+    env = dict(os.environ, KERAS_TAYLOR_REPO=env_repo, KERAS_TAYLOR_GIT=git_url)
+    proc = subprocess.run([sys.executable, "-c", prelude + code + epilogue], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=60)
+    calls = None
+    for line in proc.stdout.splitlines():
+        if line.startswith("CALLS="):
+            calls = json.loads(line[len("CALLS="):])
+    return proc, calls
+
+
+@pytest.mark.parametrize("name", ["quickstart.ipynb", "transfer_learning.ipynb"])
+def test_notebook_install_cell_clones_installs_or_says_what_to_do(name, tmp_path):
+    import os
+    import sys
+
+    code = _install_cell(name)
+    absent = str(tmp_path / "keras_taylor")
+    # Colab, nothing uploaded, no URL: a clear error, not a later ImportError.
+    proc, _ = _run_install_cell(code, tmp_path, absent)
+    assert proc.returncode != 0 and "set GIT_URL" in proc.stderr, proc.stderr[-1000:]
+    # Colab with the URL: clone, then pip install the clone.
+    proc, calls = _run_install_cell(code, tmp_path, absent, git_url="file:///src/keras_taylor.git")
+    assert proc.returncode == 0, proc.stderr[-1000:]
+    assert calls[0] == ["git", "clone", "--depth", "1", "file:///src/keras_taylor.git", absent]
+    assert calls[1] == [sys.executable, "-m", "pip", "install", "-q", "-e", absent]
+    # Opened in colab/ of a clone: installs that clone, clones nothing.
+    proc, calls = _run_install_cell(code, os.path.join(REPO, "colab"), absent)
+    assert proc.returncode == 0, proc.stderr[-1000:]
+    assert calls == [[sys.executable, "-m", "pip", "install", "-q", "-e", REPO]]
