@@ -25,7 +25,6 @@ import gc
 import io
 import json
 import os
-import platform
 import pstats
 import sys
 import time
@@ -38,6 +37,9 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_taylor as kt  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("rounds", 7, "Interleaved rounds.")
@@ -117,16 +119,7 @@ def _short(path: str) -> str:
 
 
 def machine() -> dict:
-    import tensorflow as tf
-
-    return {
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
-        "python": platform.python_version(),
-        "keras": keras.__version__,
-        "tensorflow": tf.__version__,
-        "numpy": np.__version__,
-        "backend": keras.backend.backend(),
-    }
+    return _harness.machine()
 
 
 def main(argv):
