@@ -106,9 +106,7 @@ def define_flags():
     flags.DEFINE_integer("profile_reps", 3, "Interleaved profiling repetitions per model.")
     flags.DEFINE_integer("tflite_threads", 2, "Interpreter threads (the machine's cores).")
     flags.DEFINE_float("goal", 1.10, "Goal: latency ratio <= goal x FLOPs ratio.")
-    flags.DEFINE_integer("seed", 0, "Seed of weights, group order and inputs.")
-    flags.DEFINE_bool("quick", False, "Smoke run: 3 rounds, 2 calls, batch 8.")
-    flags.DEFINE_string("output", os.path.join(os.path.dirname(__file__), "results", "latency_per_flop.json"), "JSON output.")
+    _harness.define_common_flags(flags, "latency_per_flop.json", "Smoke run: 3 rounds, 2 calls, batch 8.")
 
 
 # ---- models and pruning -------------------------------------------------------

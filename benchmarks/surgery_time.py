@@ -45,9 +45,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_integer("rounds", 7, "Interleaved rounds.")
 flags.DEFINE_integer("input_size", 224, "Input height = width of the ResNet50.")
 flags.DEFINE_float("fraction", 0.3, "Fraction of the prunable channel groups to draw for removal.")
-flags.DEFINE_integer("seed", 0, "Seed of the group draw.")
 flags.DEFINE_integer("profile_top", 15, "Profile one extra apply_plan with cProfile and keep its top-N functions by cumulative time (0: skip).")
-flags.DEFINE_string("output", os.path.join(os.path.dirname(__file__), "results", "surgery_time.json"), "JSON output.")
+_harness.define_common_flags(flags, "surgery_time.json", "Smoke run: 1 round, 32x32 input, no cProfile.")
 
 OPS = ("rebuild", "surgery", "analyze", "add_gates")
 
@@ -124,6 +123,8 @@ def machine() -> dict:
 
 def main(argv):
     del argv
+    if FLAGS.quick:
+        FLAGS.rounds, FLAGS.input_size, FLAGS.profile_top = 1, 32, 0
     keras.utils.set_random_seed(0)
     size = FLAGS.input_size
     model = keras.applications.ResNet50(weights=None, input_shape=(size, size, 3))
