@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -38,11 +39,11 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_taylor as kt  # noqa: E402
+from keras_taylor import criteria, datasets, models, oracle  # noqa: E402
+from keras_taylor.callbacks import ranking_context  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _harness  # noqa: E402
-from keras_taylor import criteria, datasets, models, oracle  # noqa: E402
-from keras_taylor.callbacks import ranking_context  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("part", "all", ["all", "correlation", "curves", "diagnostics"], "What to run.")
