@@ -40,7 +40,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -59,6 +58,9 @@ from keras_taylor import export as kt_export  # noqa: E402
 from keras_taylor import models as kt_models  # noqa: E402
 from keras_taylor.flops import CostModel  # noqa: E402
 from keras_taylor.latency import measure_latency  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("size", 224, "Input height = width.")
@@ -142,28 +144,11 @@ def tflite_latency(flatbuffers: dict, rounds: int, calls: int, threads: int, see
             return interp.get_tensor(o)
 
         runners[name] = run
-    names = list(runners)
-    for n in names:
-        for _ in range(3):
-            runners[n]()
-    times = {n: [] for n in names}
-    for _ in range(rounds):
-        for n in rng.permutation(names).tolist():
-            start = time.perf_counter()
-            for _ in range(calls):
-                runners[n]()
-            times[n].append((time.perf_counter() - start) / calls * 1e3)
-    ref = np.array(times[names[0]])
-    result = {}
-    for n in names:
-        t = np.array(times[n])
-        r = t / ref
-        result[n] = {
-            "median_ms": float(np.median(t)), "min_ms": float(t.min()), "max_ms": float(t.max()),
-            "ratio_median": float(np.median(r)), "ratio_min": float(r.min()), "ratio_max": float(r.max()),
-            "runtime": getattr(litert, "__name__", str(litert)),
-        }
-    return result
+    result = _harness.measure(runners, rounds, calls=calls, seed=rng, warmup=3)
+    for n in runners:
+        del result[n]["per_round_ms"]
+        result[n]["runtime"] = getattr(litert, "__name__", str(litert))
+    return {n: result[n] for n in runners}
 
 
 def per_flops(latency: dict, flops: dict) -> None:
@@ -285,17 +270,11 @@ def micro(rounds: int) -> dict:
             fns = {n: tf.function(lambda x, m=m: m(x, training=False)) for n, m in nets.items()}
             xs = {n: tf.constant(rng.uniform(0, 1, (batch, 28, 28, int(n[1:]))).astype("float32")) for n in nets}
             calls = 20 if batch == 1 else 5
+            runs = {n: (lambda n=n: fns[n](xs[n])) for n in nets}
             for n in nets:
                 for _ in range(3):
                     fns[n](xs[n]).numpy()
-            times = {n: [] for n in nets}
-            for _ in range(rounds):
-                for n in rng.permutation(list(nets)).tolist():
-                    start = time.perf_counter()
-                    for _ in range(calls):
-                        y = fns[n](xs[n])
-                    y.numpy()
-                    times[n].append((time.perf_counter() - start) / calls * 1e3)
+            times = _harness.interleaved(runs, rounds, calls, rng, finish=lambda y: y.numpy())
             ref = np.array(times["C64"]) / macs["C64"]
             rec = {}
             for n in nets:
@@ -330,12 +309,7 @@ def main(argv):
     meta = {
         "command": command,
         "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
-        "cpu": _cpu_name(),
-        "python": platform.python_version(),
-        "keras": keras.__version__,
-        "tensorflow": tf.__version__,
-        "numpy": np.__version__,
+        **_harness.machine(),
         "load_average_1_5_15min_start": list(os.getloadavg()),
         "settings": {k: getattr(FLAGS, k) for k in ("size", "target", "seeds", "models", "rounds_b1", "calls_b1", "rounds_b32", "calls_b32", "tflite_threads", "drift_seeds", "sections", "quick")},
     }
@@ -368,17 +342,6 @@ def main(argv):
     with open(FLAGS.output, "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {FLAGS.output} ({run['seconds']:.0f}s)")
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

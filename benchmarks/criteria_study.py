@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import os
-import platform
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -41,6 +41,9 @@ import numpy as np  # noqa: E402
 import keras_taylor as kt  # noqa: E402
 from keras_taylor import criteria, datasets, models, oracle  # noqa: E402
 from keras_taylor.callbacks import ranking_context  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("part", "all", ["all", "correlation", "curves", "diagnostics"], "What to run.")
@@ -66,12 +69,7 @@ HELD_OUT = 5000
 
 
 def compile_model(model, lr):
-    model.compile(
-        optimizer=keras.optimizers.SGD(lr, momentum=0.9, nesterov=True),
-        loss=LOSS,
-        metrics=[keras.metrics.SparseCategoricalAccuracy(name="acc")],
-    )
-    return model
+    return _harness.compile_model(model, lr, nesterov=True)
 
 
 def load_data():
@@ -153,7 +151,7 @@ def correlation(base, train, held, test):
     result = {
         "command": "python benchmarks/criteria_study.py --part=correlation",
         "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
+        **_harness.machine(),
         "model": f"ResNet-{2 + 6 * FLAGS.blocks} (16/32/64), Fashion-MNIST, {FLAGS.epochs} epochs on {len(train[0])} images",
         "top1_test": top1(compile_model(base, 0.0), test),
         "groups": graph.num_groups,
@@ -326,7 +324,7 @@ def main(argv):
         result = {
             "command": "python benchmarks/criteria_study.py --part=curves",
             "date": time.strftime("%Y-%m-%d"),
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
+            **_harness.machine(),
             "schedule": {"prune_every": FLAGS.prune_every, "channels_per_step": FLAGS.channels_per_step,
                          "prune_lr": FLAGS.prune_lr, "finetune_batches": FLAGS.finetune_batches,
                          "batch_size": FLAGS.batch_size},

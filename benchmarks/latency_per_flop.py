@@ -54,7 +54,6 @@ import gzip
 import json
 import math
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -73,6 +72,9 @@ from keras_taylor import align as kt_align  # noqa: E402
 from keras_taylor import export as kt_export  # noqa: E402
 from keras_taylor.latency import measure_latency  # noqa: E402
 from keras_taylor.testing import lively_statistics  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness  # noqa: E402
 
 FLAGS = flags.FLAGS
 AA = "original_copy"  # A/A control: the original model timed as a second variant
@@ -104,9 +106,7 @@ def define_flags():
     flags.DEFINE_integer("profile_reps", 3, "Interleaved profiling repetitions per model.")
     flags.DEFINE_integer("tflite_threads", 2, "Interpreter threads (the machine's cores).")
     flags.DEFINE_float("goal", 1.10, "Goal: latency ratio <= goal x FLOPs ratio.")
-    flags.DEFINE_integer("seed", 0, "Seed of weights, group order and inputs.")
-    flags.DEFINE_bool("quick", False, "Smoke run: 3 rounds, 2 calls, batch 8.")
-    flags.DEFINE_string("output", os.path.join(os.path.dirname(__file__), "results", "latency_per_flop.json"), "JSON output.")
+    _harness.define_common_flags(flags, "latency_per_flop.json", "Smoke run: 3 rounds, 2 calls, batch 8.")
 
 
 # ---- models and pruning -------------------------------------------------------
@@ -303,43 +303,21 @@ def tflite_interpreter(path: str, batch: int, threads: int):
 def measure_tflite(paths: dict, batch: int, rounds: int, calls: int | None, threads: int, seed: int,
                    warmup: int = 3, round_s: float = 0.3) -> dict:
     """Interleaved `invoke()` latency of TFLite files, as `measure_latency` does
-    for Keras models: per round a shuffled order, `calls` invokes each; ratios
-    against the first entry of `paths`. `calls=None`: as many as make the
-    first model run about `round_s` seconds (1 to 50)."""
+    for Keras models (the same loop, `_harness.measure`): per round a shuffled
+    order, `calls` invokes each; ratios against the first entry of `paths`.
+    `calls=None`: as many as make the first model run about `round_s` seconds
+    (1 to 50)."""
     rng = np.random.default_rng(seed)
     names = list(paths)
     interps = {n: tflite_interpreter(p, batch, threads) for n, p in paths.items()}
     shape = interps[names[0]].get_input_details()[0]["shape"]
     x = rng.uniform(0, 1, shape).astype("float32")
-    for n, it in interps.items():
+    for it in interps.values():
         it.set_tensor(it.get_input_details()[0]["index"], x)
-        for _ in range(warmup):
-            it.invoke()
-    if calls is None:
-        calls = calls_for(lambda: interps[names[0]].invoke(), round_s)
-    times = {n: [] for n in names}
-    for _ in range(rounds):
-        for n in rng.permutation(names).tolist():
-            it = interps[n]
-            start = time.perf_counter()
-            for _ in range(calls):
-                it.invoke()
-            times[n].append((time.perf_counter() - start) / calls * 1e3)
-    out = summarize(times, names[0])
-    out["calls_per_round"] = calls
+    out = _harness.measure({n: it.invoke for n, it in interps.items()}, rounds, calls=calls, round_s=round_s,
+                           seed=rng, warmup=warmup)
+    del out["rounds"]
     return out
-
-
-def calls_for(run, round_s: float) -> int:
-    """Calls of `run` (already warm) that take about `round_s` seconds, 1 to 50."""
-    n, start = 0, time.perf_counter()
-    while n < 3 or time.perf_counter() - start < min(round_s, 0.5):
-        run()
-        n += 1
-        if time.perf_counter() - start > 3 * round_s:
-            break
-    per_call = (time.perf_counter() - start) / n
-    return int(np.clip(round(round_s / per_call), 1, 50))
 
 
 def tf_calls(model: keras.Model, batch: int, round_s: float, seed: int) -> int:
@@ -348,7 +326,7 @@ def tf_calls(model: keras.Model, batch: int, round_s: float, seed: int) -> int:
     x = tf.constant(np.random.default_rng(seed).uniform(0, 1, (batch, *model.inputs[0].shape[1:])).astype("float32"))
     fn(x).numpy()
     fn(x).numpy()
-    return calls_for(lambda: fn(x).numpy(), round_s)
+    return _harness.calls_for(lambda: fn(x).numpy(), round_s)
 
 
 # ---- where the time goes: TF op profile ------------------------------------------
@@ -432,11 +410,7 @@ def profile_pair(models: dict, batch: int, reps: int, round_s: float, seed: int)
     median per model and the median of per-repetition ratios against the first."""
     names = list(models)
     calls = tf_calls(models[names[0]], batch, round_s, seed)
-    runs = {n: [] for n in names}
-    rng = np.random.default_rng(seed)
-    for _ in range(reps):
-        for n in rng.permutation(names).tolist():
-            runs[n].append(op_profile(models[n], batch, calls, seed))
+    runs = _harness.in_rounds(names, reps, lambda n: op_profile(models[n], batch, calls, seed), seed=seed)
     out = {"calls": calls, "reps": reps, "models": {}}
     ref = runs[names[0]]
     for n in names:
@@ -461,20 +435,6 @@ def profile_pair(models: dict, batch: int, reps: int, round_s: float, seed: int)
                 if all(q["category_ms_per_call"].get(c, 0.0) > 0 for q in ref)
             }
         out["models"][n] = entry
-    return out
-
-
-def summarize(times: dict, reference: str) -> dict:
-    ref = np.array(times[reference])
-    out = {}
-    for n, t in times.items():
-        t = np.array(t)
-        r = t / ref
-        out[n] = {
-            "median_ms": float(np.median(t)), "min_ms": float(t.min()), "max_ms": float(t.max()),
-            "ratio_median": float(np.median(r)), "ratio_min": float(r.min()), "ratio_max": float(r.max()),
-            "per_round_ms": [round(float(v), 3) for v in t],
-        }
     return out
 
 
@@ -511,29 +471,11 @@ def export_all(models: dict, size: int, directory: str, seed: int) -> dict:
 # ---- reporting ----------------------------------------------------------------
 
 def machine() -> dict:
-    return {
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
-        "cpu": _cpu_model(),
-        "python": platform.python_version(),
-        "keras": keras.__version__,
-        "tensorflow": tf.__version__,
-        "numpy": np.__version__,
-    }
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+    return _harness.machine()
 
 
 def load() -> list:
-    return [round(x, 2) for x in os.getloadavg()]
+    return _harness.load()
 
 
 def fit_fixed_share(rows: list) -> dict:
@@ -589,26 +531,14 @@ def overhead_floor(name: str, seed: int, tmp: str) -> dict:
 
 
 def _alternate(runs: dict, rounds: int, round_s: float, reference) -> dict:
-    """Interleaved rounds (shuffled order) of several zero-argument runs; the
-    same number of calls each, set by the reference's time."""
-    names = list(runs)
-    calls = calls_for(runs[reference], round_s)
-    rng = np.random.default_rng(0)
-    times = {n: [] for n in names}
-    for _ in range(rounds):
-        for i in rng.permutation(len(names)).tolist():
-            n = names[i]
-            start = time.perf_counter()
-            for _ in range(calls):
-                runs[n]()
-            times[n].append((time.perf_counter() - start) / calls * 1e3)
-    ref = np.array(times[reference])
-    other = [n for n in names if n != reference][0]
-    ratio = np.array(times[other]) / ref
+    """Interleaved rounds (shuffled order) of two zero-argument runs; the same
+    number of calls each, set by the reference's time."""
+    res = _harness.measure(runs, rounds, round_s=round_s, reference=reference, warmup=0)
+    other = [n for n in runs if n != reference][0]
     return {
-        **{str(n): {"median_ms": float(np.median(t)), "min_ms": float(np.min(t)), "max_ms": float(np.max(t))} for n, t in times.items()},
-        "ratio_median": float(np.median(ratio)), "ratio_min": float(ratio.min()), "ratio_max": float(ratio.max()),
-        "calls_per_round": calls, "rounds": rounds,
+        **{str(n): {k: res[n][k] for k in ("median_ms", "min_ms", "max_ms")} for n in runs},
+        **{k: res[other][k] for k in ("ratio_median", "ratio_min", "ratio_max")},
+        "calls_per_round": res["calls_per_round"], "rounds": rounds,
     }
 
 

@@ -63,6 +63,9 @@ from absl import app, flags  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness  # noqa: E402
+
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("rounds", 3, "Interleaved rounds (one fresh subprocess per variant per round).")
 flags.DEFINE_integer("steps", 20, "Measured minibatches per run, after the warm-up.")
@@ -273,7 +276,7 @@ def run_child(variant: str, path: str) -> None:
     probe = SetupProbe(phases)  # after the pruner: ends the "setup" phase
     model.fit(x, y, steps_per_epoch=FLAGS.warmup_steps, callbacks=callbacks + [probe], **fit)
     phase_end("warmup", phases)
-    scoring_fn = pruner._scorer._scoring_function if pruner is not None else None
+    scoring_fn = pruner.scorer._scoring_function if pruner is not None else None
     start = time.perf_counter()
     model.fit(x[: batch * FLAGS.steps], y[: batch * FLAGS.steps], callbacks=callbacks, **fit)
     seconds = time.perf_counter() - start
@@ -289,12 +292,12 @@ def run_child(variant: str, path: str) -> None:
         "rss_before_malloc_trim_mib": rss_before_trim,
         "malloc_trim_released": trimmed,
         "train_graph_nodes": train_graph_nodes(
-            pruner._scorer._scoring_function if pruner is not None else model.train_function),
+            pruner.scorer._scoring_function if pruner is not None else model.train_function),
     }
     if variant != "original":
         facts.update(gate_facts(model))
     if pruner is not None:
-        scorer = pruner._scorer
+        scorer = pruner.scorer
         steps = float(keras.ops.convert_to_numpy(as_tensor(scorer.steps)))
         expected = FLAGS.warmup_steps + FLAGS.steps
         assert steps == expected, f"scorer accumulated {steps} minibatches, expected {expected}"
@@ -359,7 +362,7 @@ def machine() -> dict:
             if key in ("MemTotal", "MemAvailable", "SwapTotal"):
                 mem[key + "_mib"] = round(int(value.split()[0]) / 1024)
     return {
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
+        **_harness.machine(),
         "cpuinfo": cpu,
         "meminfo_at_start": mem,
     }

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import sys
 import time
 
@@ -37,8 +36,12 @@ import numpy as np  # noqa: E402
 import keras_taylor as kt  # noqa: E402
 from keras_taylor import models  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness  # noqa: E402
+
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("rounds", 30, "Interleaved rounds.")
+flags.DEFINE_bool("quick", False, "Smoke run: 2 rounds of 3 minibatches of 8 on a ResNet-8 at 16x16.")
 flags.DEFINE_integer("steps", 10, "Minibatches per variant per round.")
 flags.DEFINE_integer("batch_size", 128, "Batch size.")
 flags.DEFINE_integer("blocks", 2, "Residual blocks per stage of the CIFAR-style ResNet (2: ResNet-14, 3: ResNet-20).")
@@ -50,29 +53,16 @@ flags.DEFINE_list("criteria", [], "Extra criteria to time against the default Ta
 flags.DEFINE_string("output", None, "JSON output path (default benchmarks/results/scoring_overhead[_jit].json).")
 
 
-class StepTimer(keras.callbacks.Callback):
-    def __init__(self):
-        super().__init__()
-        self.times = []
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self._t = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.times.append(time.perf_counter() - self._t)
-
-
 def compile_model(model):
-    model.compile(
-        optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        jit_compile=FLAGS.jit_compile,
-    )
-    return model
+    return _harness.compile_model(model, 0.01, metrics=False, jit_compile=FLAGS.jit_compile)
 
 
 def main(argv):
     del argv
+    if FLAGS.quick:
+        FLAGS.rounds, FLAGS.steps, FLAGS.batch_size, FLAGS.blocks = 2, 3, 8, 1
+        FLAGS.input_size = FLAGS.input_size or 16
+        FLAGS.output = FLAGS.output or os.path.join(os.environ.get("TMPDIR", "/tmp"), "scoring_overhead_quick.json")
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
     n = FLAGS.steps * FLAGS.batch_size
@@ -98,19 +88,20 @@ def main(argv):
         variants[f"scoring:{criterion}"] = (compile_model(kt.add_gates(base)), [extra])
     for model, cbs in variants.values():  # warm-up: trace and compile
         model.fit(x, y, batch_size=FLAGS.batch_size, epochs=1, steps_per_epoch=5, verbose=0, callbacks=cbs)
-    per_round = {k: [] for k in variants}
-    for _ in range(FLAGS.rounds):
-        for name in rng.permutation(list(variants)).tolist():
-            model, cbs = variants[name]
-            timer = StepTimer()
-            model.fit(x, y, batch_size=FLAGS.batch_size, epochs=1, verbose=0, shuffle=False, callbacks=cbs + [timer])
-            per_round[name].append(float(np.median(timer.times[2:])))
-    assert float(pruner._scorer.steps.numpy()) > 0, "the scoring step did not run"
+
+    def median_step(name):
+        model, cbs = variants[name]
+        timer = _harness.StepTimer()
+        model.fit(x, y, batch_size=FLAGS.batch_size, epochs=1, verbose=0, shuffle=False, callbacks=cbs + [timer])
+        return float(np.median(timer.times[2:]))
+
+    per_round = _harness.in_rounds(variants, FLAGS.rounds, median_step, seed=rng)
+    assert float(pruner.scorer.steps.numpy()) > 0, "the scoring step did not run"
     t = {k: np.array(v) for k, v in per_round.items()}
     result = {
         "command": " ".join(["python benchmarks/scoring_overhead.py"] + sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
+        **_harness.machine(),
         "model": description,
         "jit_compile": FLAGS.jit_compile,
         "rounds": FLAGS.rounds,

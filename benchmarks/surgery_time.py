@@ -25,7 +25,6 @@ import gc
 import io
 import json
 import os
-import platform
 import pstats
 import sys
 import time
@@ -39,13 +38,15 @@ import numpy as np  # noqa: E402
 
 import keras_taylor as kt  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness  # noqa: E402
+
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("rounds", 7, "Interleaved rounds.")
 flags.DEFINE_integer("input_size", 224, "Input height = width of the ResNet50.")
 flags.DEFINE_float("fraction", 0.3, "Fraction of the prunable channel groups to draw for removal.")
-flags.DEFINE_integer("seed", 0, "Seed of the group draw.")
 flags.DEFINE_integer("profile_top", 15, "Profile one extra apply_plan with cProfile and keep its top-N functions by cumulative time (0: skip).")
-flags.DEFINE_string("output", os.path.join(os.path.dirname(__file__), "results", "surgery_time.json"), "JSON output.")
+_harness.define_common_flags(flags, "surgery_time.json", "Smoke run: 1 round, 32x32 input, no cProfile.")
 
 OPS = ("rebuild", "surgery", "analyze", "add_gates")
 
@@ -117,20 +118,13 @@ def _short(path: str) -> str:
 
 
 def machine() -> dict:
-    import tensorflow as tf
-
-    return {
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
-        "python": platform.python_version(),
-        "keras": keras.__version__,
-        "tensorflow": tf.__version__,
-        "numpy": np.__version__,
-        "backend": keras.backend.backend(),
-    }
+    return _harness.machine()
 
 
 def main(argv):
     del argv
+    if FLAGS.quick:
+        FLAGS.rounds, FLAGS.input_size, FLAGS.profile_top = 1, 32, 0
     keras.utils.set_random_seed(0)
     size = FLAGS.input_size
     model = keras.applications.ResNet50(weights=None, input_shape=(size, size, 3))

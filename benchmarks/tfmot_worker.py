@@ -32,7 +32,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -48,6 +47,9 @@ import tensorflow as tf  # noqa: E402
 import tf_keras  # noqa: E402
 import tensorflow_model_optimization as tfmot  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness  # noqa: E402
+
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("size_b1", 224, "Input size, batch 1 (TF and TFLite).")
 flags.DEFINE_integer("size_batch", 128, "Input size, large batch.")
@@ -61,10 +63,6 @@ flags.DEFINE_float("sparsity", 0.5, "Target sparsity of every Conv/Dense kernel.
 flags.DEFINE_integer("seed", 0, "Seed.")
 flags.DEFINE_string("output", None, "JSON output.")
 flags.mark_flag_as_required("output")
-
-
-def load() -> list:
-    return [round(x, 2) for x in os.getloadavg()]
 
 
 def lively_statistics(model, seed=0):
@@ -88,56 +86,17 @@ def resnet50(size: int):
     return tf_keras.applications.ResNet50(weights=None, input_shape=(size, size, 3))
 
 
-def summarize(times: dict, reference: str) -> dict:
-    ref = np.array(times[reference])
-    out = {}
-    for n, t in times.items():
-        t = np.array(t)
-        r = t / ref
-        out[n] = {
-            "median_ms": float(np.median(t)), "min_ms": float(t.min()), "max_ms": float(t.max()),
-            "ratio_median": float(np.median(r)), "ratio_min": float(r.min()), "ratio_max": float(r.max()),
-            "per_round_ms": [round(float(v), 3) for v in t],
-        }
-    return out
-
-
-def calls_for(run, round_s: float) -> int:
-    """Calls of `run` (already warm) that take about `round_s` seconds, 1 to 50
-    (as benchmarks/latency_per_flop.py)."""
-    n, start = 0, time.perf_counter()
-    while n < 3 or time.perf_counter() - start < min(round_s, 0.5):
-        run()
-        n += 1
-        if time.perf_counter() - start > 3 * round_s:
-            break
-    per_call = (time.perf_counter() - start) / n
-    return int(np.clip(round(round_s / per_call), 1, 50))
-
-
 def measure_tf(models: dict, batch: int, rounds: int, round_s: float, seed: int, warmup: int = 3) -> dict:
-    """keras_taylor.latency.measure_latency's method, for tf_keras models; the
-    calls per round make the first model run about `round_s` seconds."""
+    """keras_taylor.latency.measure_latency's method (the same loop, through
+    benchmarks/_harness.py), for tf_keras models; the calls per round make
+    the first model run about `round_s` seconds."""
     rng = np.random.default_rng(seed)
     names = list(models)
     shape = tuple(models[names[0]].inputs[0].shape[1:])
     x = tf.constant(rng.uniform(0, 1, (batch, *shape)).astype("float32"))
     fns = {n: tf.function(lambda x, m=m: m(x, training=False), reduce_retracing=True) for n, m in models.items()}
-    for n in names:
-        for _ in range(warmup):
-            fns[n](x).numpy()
-    calls = calls_for(lambda: fns[names[0]](x).numpy(), round_s)
-    times = {n: [] for n in names}
-    for _ in range(rounds):
-        for n in rng.permutation(names).tolist():
-            start = time.perf_counter()
-            for _ in range(calls):
-                out = fns[n](x)
-            out.numpy()
-            times[n].append((time.perf_counter() - start) / calls * 1e3)
-    out = summarize(times, names[0])
-    out["calls_per_round"] = calls
-    return out
+    runs = {n: (lambda fn=fn: fn(x)) for n, fn in fns.items()}
+    return _harness.measure(runs, rounds, round_s=round_s, seed=rng, warmup=warmup, finish=lambda y: y.numpy())
 
 
 def interpreter(path: str, batch: int, threads: int):
@@ -157,20 +116,7 @@ def measure_tflite(paths: dict, rounds: int, round_s: float, threads: int, seed:
     x = rng.uniform(0, 1, its[names[0]].get_input_details()[0]["shape"]).astype("float32")
     for it in its.values():
         it.set_tensor(it.get_input_details()[0]["index"], x)
-        for _ in range(warmup):
-            it.invoke()
-    calls = calls_for(its[names[0]].invoke, round_s)
-    times = {n: [] for n in names}
-    for _ in range(rounds):
-        for n in rng.permutation(names).tolist():
-            it = its[n]
-            start = time.perf_counter()
-            for _ in range(calls):
-                it.invoke()
-            times[n].append((time.perf_counter() - start) / calls * 1e3)
-    out = summarize(times, names[0])
-    out["calls_per_round"] = calls
-    return out
+    return _harness.measure({n: it.invoke for n, it in its.items()}, rounds, round_s=round_s, seed=rng, warmup=warmup)
 
 
 def tflite_run(path: str, x: np.ndarray) -> np.ndarray:
@@ -224,10 +170,9 @@ def main(argv):
     tmp = tempfile.mkdtemp(prefix="tfmot_worker_")
     result = {
         "command": " ".join(["python", "benchmarks/tfmot_worker.py"] + sys.argv[1:]),
-        "python": platform.python_version(), "tensorflow": tf.__version__,
-        "tf_keras": tf_keras.__version__, "tfmot": tfmot.__version__,
+        **_harness.machine(tfmot=tfmot.__version__),
         "TF_USE_LEGACY_KERAS": os.environ.get("TF_USE_LEGACY_KERAS"),
-        "load_average_1_5_15min": {"start": load()},
+        "load_average_1_5_15min": {"start": _harness.load()},
         "model": "tf_keras.applications.ResNet50(weights=None), 1000 classes",
         "pruning": f"tfmot.sparsity.keras.prune_low_magnitude(ConstantSparsity({FLAGS.sparsity}, begin_step=0, frequency=1)), "
                    "1 fit step (SGD lr=0) with UpdatePruningStep, strip_pruning",
@@ -299,20 +244,20 @@ def main(argv):
     print("tflite check", result["tflite_check_max_abs_diff"], flush=True)
 
     # Latency: TF graph mode, batch 1 and large batch; TFLite batch 1.
-    result["load_before_tf_b1"] = load()
+    result["load_before_tf_b1"] = _harness.load()
     result["tf_b1"] = measure_tf({"dense": dense, "sparse": sparse, "dense_copy": dense}, 1, FLAGS.rounds_b1, FLAGS.round_s_b1, FLAGS.seed)
     print("tf b1", {k: (round(v["median_ms"], 1), round(v["ratio_median"], 3)) for k, v in result["tf_b1"].items() if isinstance(v, dict)}, flush=True)
     d2, s2 = resnet50(FLAGS.size_batch), resnet50(FLAGS.size_batch)
     d2.set_weights(dense_weights)
     s2.set_weights(sparse_weights)
-    result["load_before_tf_batch"] = load()
+    result["load_before_tf_batch"] = _harness.load()
     result["tf_batch"] = measure_tf({"dense": d2, "sparse": s2, "dense_copy": d2}, FLAGS.batch, FLAGS.rounds_batch, FLAGS.round_s_batch, FLAGS.seed, warmup=2)
     print(f"tf b{FLAGS.batch}", {k: (round(v["median_ms"], 1), round(v["ratio_median"], 3)) for k, v in result["tf_batch"].items() if isinstance(v, dict)}, flush=True)
-    result["load_before_tflite_b1"] = load()
+    result["load_before_tflite_b1"] = _harness.load()
     tfl_timed = {**tfl, "dense_copy": tfl["dense"]}  # A/A control: a second interpreter on the dense file
     result["tflite_b1"] = measure_tflite(tfl_timed, FLAGS.rounds_b1, FLAGS.round_s_b1, FLAGS.tflite_threads, FLAGS.seed)
     print("tflite b1", {k: (round(v["median_ms"], 1), round(v["ratio_median"], 3)) for k, v in result["tflite_b1"].items() if isinstance(v, dict)}, flush=True)
-    result["load_average_1_5_15min"]["end"] = load()
+    result["load_average_1_5_15min"]["end"] = _harness.load()
     result["wall_s"] = round(time.time() - wall0, 1)
     with open(FLAGS.output, "w") as f:
         json.dump(result, f, indent=1)

@@ -46,7 +46,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -59,6 +58,9 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_taylor as kt  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness  # noqa: E402
 from keras_taylor import datasets, models  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -153,31 +155,12 @@ def keras_test_ds(x, y):
 
 # ------------------------------------------------------------------ keras side
 def compile_model(model, learning_rate):  # as examples/fashion_mnist.py
-    model.compile(
-        optimizer=keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=[keras.metrics.SparseCategoricalAccuracy(name="acc")],
-    )
-    return model
+    return _harness.compile_model(model, learning_rate, nesterov=True)
 
 
 def top1(model, test_ds) -> float:
     compile_model(model, 0.0)
     return float(model.evaluate(test_ds, verbose=0, return_dict=True)["acc"])
-
-
-class StepTimer(keras.callbacks.Callback):
-    def __init__(self, pruner):
-        super().__init__()
-        self.pruner = pruner
-        self.scoring, self.after = [], []
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self._done = self.pruner.done
-        self._t = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None):  # runs before the pruner's hook (listed first)
-        (self.after if self._done else self.scoring).append(time.perf_counter() - self._t)
 
 
 class TimedTaylorPruning(kt.TaylorPruning):
@@ -221,7 +204,7 @@ def run_keras(model, data, perms, epochs, prune_epochs, steps, verbose, trained=
     pruner = TimedTaylorPruning(target=FLAGS.target, metric="flops", prune_every=FLAGS.prune_every,
                                 channels_per_step=FLAGS.channels_per_step)
     pruner.phase_start = t_phase
-    timer = StepTimer(pruner)
+    timer = _harness.StepTimer(pruner)
     gated.fit(keras_phase_ds(x_train, y_train, perms[epochs:epochs + prune_epochs], FLAGS.batch_size),
               epochs=prune_epochs, steps_per_epoch=steps, verbose=verbose, shuffle=False, callbacks=[timer, pruner])
     phase_s = time.time() - t_phase
@@ -337,7 +320,7 @@ def main(argv):
     result = {
         "command": " ".join(["python"] + [os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
+        **_harness.machine(),
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__, "keras_taylor": kt.__version__,
                      **(torch_versions() if os.path.exists(TORCH_PY) else {})},
         "config": {"quick": quick, "blocks": blocks, "epochs": epochs, "prune_epochs": prune_epochs,

@@ -3,26 +3,97 @@
 Models are timed in interleaved rounds (A, B, A, B, ... in a shuffled order
 per round) so that drifts in machine load hit every model alike; the result
 holds each model's median and the median, min and max of per-round ratios.
+
+`interleaved`, `summarize` and `calls_for` are the one timing loop of the
+repository: `measure_latency` runs Keras models through them, and the
+scripts of benchmarks/ use them through `benchmarks/_harness.py`, which loads
+this file by path so that the side environments (tfmot, PyTorch) can use it
+without Keras. This module therefore imports only numpy and the standard
+library at import time; Keras and TensorFlow are imported by
+`measure_latency`.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Mapping
+from typing import Callable, Mapping
 
-import keras
 import numpy as np
 
-from keras_taylor import _compat
+
+def interleaved(
+    runs: Mapping[str, Callable],
+    rounds: int,
+    calls: int | Mapping[str, int],
+    rng: np.random.Generator | int = 0,
+    finish: Callable | None = None,
+) -> dict:
+    """Times zero-argument callables in interleaved rounds.
+
+    In every round each of `runs` is called `calls` times (an int, or one
+    count per name), the runs in a fresh random order; a round's time is the mean over its calls. When `finish` is
+    given, it is called on the last call's return value before the clock
+    stops (e.g. `lambda y: y.numpy()` to wait for an asynchronous device).
+
+    Returns:
+        `{name: [milliseconds per call, one per round]}`.
+    """
+    rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    names = list(runs)
+    times = {n: [] for n in names}
+    for _ in range(rounds):
+        for i in rng.permutation(len(names)).tolist():
+            n = names[i]
+            run = runs[n]
+            k = calls[n] if isinstance(calls, Mapping) else calls
+            start = time.perf_counter()
+            for _ in range(k):
+                out = run()
+            if finish is not None:
+                finish(out)
+            times[n].append((time.perf_counter() - start) / k * 1e3)
+    return times
 
 
-def _compiled_forward(model: keras.Model):
+def summarize(times: Mapping[str, list], reference: str, per_round: bool = False) -> dict:
+    """Per name: median/min/max ms and the median/min/max of the per-round
+    ratios against `reference` (the same round's time); with `per_round`,
+    also the per-round times (`"per_round_ms"`, rounded to 3 decimals)."""
+    ref = np.asarray(times[reference], dtype=np.float64)
+    out = {}
+    for n, t in times.items():
+        t = np.asarray(t, dtype=np.float64)
+        r = t / ref
+        out[n] = {
+            "median_ms": float(np.median(t)), "min_ms": float(t.min()), "max_ms": float(t.max()),
+            "ratio_median": float(np.median(r)), "ratio_min": float(r.min()), "ratio_max": float(r.max()),
+        }
+        if per_round:
+            out[n]["per_round_ms"] = [round(float(v), 3) for v in t]
+    return out
+
+
+def calls_for(run: Callable, round_s: float, most: int = 50) -> int:
+    """Calls of `run` (already warm) that take about `round_s` seconds, 1 to `most`."""
+    n, start = 0, time.perf_counter()
+    while n < 3 or time.perf_counter() - start < min(round_s, 0.5):
+        run()
+        n += 1
+        if time.perf_counter() - start > 3 * round_s:
+            break
+    per_call = (time.perf_counter() - start) / n
+    return int(np.clip(round(round_s / per_call), 1, most))
+
+
+def _compiled_forward(model):
+    from keras_taylor import _compat
+
     tf = _compat.import_tensorflow("keras_taylor.latency.measure_latency")
     return tf.function(lambda x: model(x, training=False), reduce_retracing=True)
 
 
 def measure_latency(
-    models: Mapping[str, keras.Model],
+    models: Mapping[str, "keras.Model"],
     batch_size: int = 1,
     rounds: int = 15,
     calls_per_round: int = 20,
@@ -54,6 +125,8 @@ def measure_latency(
     Raises:
         ValueError: if `models` is empty or `reference` is not one of them.
     """
+    import keras
+
     if not isinstance(models, dict):
         raise ValueError(
             "Expected models to be a {name: keras.Model} mapping. Received: "
@@ -78,29 +151,9 @@ def measure_latency(
     for n in names:
         for _ in range(warmup):
             fns[n](x).numpy()
-    times = {n: [] for n in names}
-    for _ in range(rounds):
-        for n in rng.permutation(names).tolist():
-            fn = fns[n]
-            start = time.perf_counter()
-            for _ in range(calls_per_round):
-                out = fn(x)
-            out.numpy()
-            times[n].append((time.perf_counter() - start) / calls_per_round * 1e3)
-    result = {}
-    ref = np.array(times[reference])
-    for n in names:
-        t = np.array(times[n])
-        ratios = t / ref
-        result[n] = {
-            "median_ms": float(np.median(t)),
-            "min_ms": float(t.min()),
-            "max_ms": float(t.max()),
-            "ratio_median": float(np.median(ratios)),
-            "ratio_min": float(ratios.min()),
-            "ratio_max": float(ratios.max()),
-        }
-    return result
+    runs = {n: (lambda fn=fn: fn(x)) for n, fn in fns.items()}
+    times = interleaved(runs, rounds, calls_per_round, rng, finish=lambda y: y.numpy())
+    return summarize(times, reference)
 
 
 def time_callables(
@@ -114,11 +167,11 @@ def time_callables(
     """Times no-argument callables in interleaved rounds (any runtime).
 
     Like `measure_latency`: every round runs every callable in a fresh
-    random order, a block of calls each, and records the mean time per call
-    of the block. The block size is set per callable after the warm-up so a
-    block lasts about `target_ms` (1 to `max_calls` calls), which keeps timer
-    resolution out of microsecond-scale callables without spending seconds on
-    slow ones.
+    random order (`interleaved`), a block of calls each, and records the mean
+    time per call of the block. The block size is set per callable after the
+    warm-up (`calls_for`) so a block lasts about `target_ms` (1 to
+    `max_calls` calls), which keeps timer resolution out of
+    microsecond-scale callables without spending seconds on slow ones.
 
     Returns:
         `{name: {"median_ms", "min_ms", "q25_ms", "calls"}}`; `q25_ms` (the
@@ -127,25 +180,11 @@ def time_callables(
     """
     if not fns:
         raise ValueError("Expected at least one callable. Received: fns={}")
-    rng = np.random.default_rng(seed)
-    names = list(fns)
-    calls = {}
-    for n in names:
+    for fn in fns.values():
         for _ in range(warmup):
-            fns[n]()
-        start = time.perf_counter()
-        fns[n]()
-        once = (time.perf_counter() - start) * 1e3
-        calls[n] = int(min(max_calls, max(1, round(target_ms / max(once, 1e-3)))))
-    times = {n: [] for n in names}
-    for _ in range(rounds):
-        for i in rng.permutation(len(names)).tolist():
-            n = names[i]
-            fn = fns[n]
-            start = time.perf_counter()
-            for _ in range(calls[n]):
-                fn()
-            times[n].append((time.perf_counter() - start) / calls[n] * 1e3)
+            fn()
+    calls = {n: calls_for(fn, target_ms / 1e3, max_calls) for n, fn in fns.items()}
+    times = interleaved(fns, rounds, calls, seed)
     return {
         n: {
             "median_ms": float(np.median(t)),

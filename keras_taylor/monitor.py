@@ -1,4 +1,4 @@
-"""Seeing a pruning run: TensorBoard summaries and matplotlib charts.
+"""Seeing a pruning run: TensorBoard summaries (`PruningTensorBoard`); the charts live in `plotting.py`.
 
 * `PruningTensorBoard` is a Keras callback that writes what `TaylorPruning`
   did at each pruning step (FLOPs/params/channels fractions, groups removed,

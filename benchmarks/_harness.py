@@ -1,0 +1,212 @@
+"""What every script of benchmarks/ shares: one interleaved timing loop and its
+summary, the machine facts, step timing in `fit`, compilation and flags.
+
+Importable from the side environments (the tfmot venv of `tfmot_worker.py`,
+the PyTorch venv of `torch_side.py`): at import time it needs numpy and the
+standard library only; Keras and TensorFlow are imported by the functions
+that use them.
+
+The timing loop itself is `keras_taylor/latency.py` (`interleaved`,
+`summarize`, `calls_for`), the one the library's `measure_latency` runs. It
+is loaded here by file path, not as `keras_taylor.latency`, so that
+importing it does not import the `keras_taylor` package (which needs Keras 3)
+in the side environments. One loop for the library and the benchmarks means a
+benchmark measures latency exactly as `keras_taylor.latency` documents.
+
+Usage (scripts run as `python benchmarks/<name>.py`, so this directory is on
+`sys.path`):
+
+    import _harness
+    result = _harness.measure({"a": run_a, "b": run_b}, rounds=15, round_s=0.3)
+    result["b"]["ratio_median"], result["b"]["ratio_min"], result["b"]["ratio_max"]
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+_LATENCY_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "keras_taylor", "latency.py")
+
+
+def _load_latency():
+    spec = importlib.util.spec_from_file_location("_keras_taylor_latency_loop", _LATENCY_PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_latency = _load_latency()
+interleaved = _latency.interleaved
+calls_for = _latency.calls_for
+
+
+def summarize(times: dict, reference: str, per_round: bool = True) -> dict:
+    """`keras_taylor.latency.summarize` with the per-round times kept (the
+    benchmarks' JSON records them): per name, median/min/max ms and the
+    median [min-max] of the per-round ratios against `reference`."""
+    return _latency.summarize(times, reference, per_round=per_round)
+
+
+def measure(runs: dict, rounds: int, calls: int | None = None, round_s: float = 0.3, reference=None,
+            seed=0, warmup: int = 3, finish=None) -> dict:
+    """Times zero-argument callables in interleaved rounds (the benchmarks' one loop).
+
+    Each run is called `warmup` times first; then every round calls each run
+    `calls` times, in a fresh random order (`interleaved`). `calls=None`: as
+    many as make the reference run about `round_s` seconds (`calls_for`,
+    1 to 50). `finish` is called on a round's last output before the clock
+    stops (e.g. `lambda y: y.numpy()`).
+
+    Returns:
+        `summarize(times, reference)` (reference: the first run by default)
+        plus `"calls_per_round"` and `"rounds"`.
+    """
+    names = list(runs)
+    reference = names[0] if reference is None else reference
+    for n in names:
+        for _ in range(warmup):
+            out = runs[n]()
+            if finish is not None:
+                finish(out)
+    if calls is None:
+        ref = runs[reference]
+        calls = calls_for((lambda: finish(ref())) if finish is not None else ref, round_s)
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    times = interleaved(runs, rounds, calls, rng, finish=finish)
+    out = summarize(times, reference)
+    out["calls_per_round"] = calls
+    out["rounds"] = rounds
+    return out
+
+
+def in_rounds(names, rounds: int, measure, seed=0) -> dict:
+    """Interleaved rounds of any measurement (a `fit` with a step timer, a
+    profiled run, a subprocess): per round, `measure(name)` for every name in
+    a fresh random order. Returns `{name: [result per round]}`. (`measure`
+    and `interleaved` are the same schedule for call timings.)"""
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    names = list(names)
+    results = {n: [] for n in names}
+    for _ in range(rounds):
+        for i in rng.permutation(len(names)).tolist():
+            results[names[i]].append(measure(names[i]))
+    return results
+
+
+# ---- machine facts ---------------------------------------------------------------
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def load() -> list:
+    """The 1/5/15-minute load averages, rounded."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def machine(**extra) -> dict:
+    """Machine, CPU, Python and library versions (Keras, TensorFlow, torch...
+    only when the script has imported them: nothing is imported here)."""
+    facts = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
+        "cpu": cpu_model(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+    }
+    for name in ("keras", "tensorflow", "tf_keras", "tensorflow_model_optimization", "torch", "torch_pruning"):
+        module = sys.modules.get(name)
+        if module is not None and hasattr(module, "__version__"):
+            facts[name] = module.__version__
+    if "keras" in sys.modules and hasattr(sys.modules["keras"], "backend"):
+        try:
+            facts["backend"] = sys.modules["keras"].backend.backend()
+        except Exception:  # tf_keras's keras has no backend() function
+            pass
+    facts.update(extra)
+    return facts
+
+
+# ---- Keras training --------------------------------------------------------------
+
+def compile_model(model, learning_rate: float = 0.01, nesterov: bool = False, metrics: bool = True,
+                  jit_compile=False):
+    """SGD (momentum 0.9) on sparse categorical cross-entropy from logits, the
+    setup of examples/fashion_mnist.py; `metrics` adds accuracy as `"acc"`."""
+    import keras
+
+    model.compile(
+        optimizer=keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=nesterov),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="acc")] if metrics else None,
+        jit_compile=jit_compile,
+    )
+    return model
+
+
+def _step_timer_class():
+    import keras
+
+    class StepTimer(keras.callbacks.Callback):
+        """Wall time of every training minibatch (`times`, seconds). With a
+        `pruner`, also split into `scoring` (pruning not done when the batch
+        began) and `after`; list it before the pruner."""
+
+        def __init__(self, pruner=None):
+            super().__init__()
+            self.pruner = pruner
+            self.times, self.scoring, self.after = [], [], []
+
+        def on_train_batch_begin(self, batch, logs=None):
+            self._done = bool(self.pruner.done) if self.pruner is not None else False
+            self._t = time.perf_counter()
+
+        def on_train_batch_end(self, batch, logs=None):
+            seconds = time.perf_counter() - self._t
+            self.times.append(seconds)
+            if self.pruner is not None:
+                (self.after if self._done else self.scoring).append(seconds)
+
+    return StepTimer
+
+
+def __getattr__(name):
+    # `StepTimer` subclasses a Keras callback: built on first use, so that
+    # importing this module does not import Keras.
+    if name == "StepTimer":
+        cls = _step_timer_class()
+        globals()["StepTimer"] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ---- flags -----------------------------------------------------------------------
+
+def define_common_flags(flags, output: str, quick_help: str = "Smoke run: the smallest sizes, a few seconds.",
+                        seed: int = 0) -> None:
+    """The absl flags every benchmark has: `--seed`, `--output` (JSON path,
+    default `benchmarks/results/<output>`) and `--quick`."""
+    flags.DEFINE_integer("seed", seed, "Seed of weights, orders and inputs.")
+    flags.DEFINE_string("output", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", output),
+                        "JSON output.")
+    flags.DEFINE_bool("quick", False, quick_help)
+
+
+def write_json(result: dict, path: str) -> None:
+    import json
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
