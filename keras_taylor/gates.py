@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import threading
+import warnings
 
 import keras
 import numpy as np
@@ -280,6 +281,13 @@ def add_gates(model: keras.Model, on_unknown: str = "error") -> keras.Model:
     model = tracing.inline_composite_layers(model)  # the gated copy is flat and composites traced
     graph = graph_lib.analyze(model, on_unknown=on_unknown)
     sites = set(graph.gate_sites)
+    if not sites:  # never silently: say why nothing can be pruned
+        reasons = list(dict.fromkeys(graph.fixed_reason.values()))
+        warnings.warn(
+            f"Model {model.name!r} has no prunable channel group, so the gated "
+            f"model holds no gate. Why channels are kept, for example: {reasons[:4]}.",
+            stacklevel=2,
+        )
     pairs = []
 
     def clone(layer):
