@@ -238,7 +238,27 @@ def prunable_mac_share(graph, cost) -> float:
     return prunable / total if total else 0.0
 
 
-def sweep_one(name, fraction=0.3, seed=0, tmpdir=None, size=SIZE):
+def taylor_steps(model, size=SIZE, steps=3, seed=0) -> dict:
+    """A few TaylorPruning steps on `model` (its input H/W unknown): the
+    size FLOPs are counted at comes from the data."""
+    import keras
+    import numpy as np
+
+    import keras_taylor as kt
+
+    gated = kt.add_gates(model, on_unknown="freeze")
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(2 * steps, *size)).astype("float32")
+    y = keras.tree.map_structure(lambda t: np.zeros(t.shape, "float32"), gated.predict(x[:2], verbose=0))
+    y = keras.tree.map_structure(lambda t: np.repeat(t[:1], len(x), axis=0), y)
+    gated.compile(optimizer="sgd", loss="mse")
+    cb = kt.TaylorPruning(target=0.99, prune_every=1, channels_per_step=1)
+    gated.fit(x, y, batch_size=2, epochs=1, callbacks=[cb], verbose=0)
+    return {"taylor_input_shapes": [list(s) for s in cb.input_shapes], "taylor_steps": len(cb.history),
+            "taylor_flops": cb.history[-1]["flops_fraction"] if cb.history else 1.0}
+
+
+def sweep_one(name, fraction=0.3, seed=0, tmpdir=None, size=SIZE, taylor=True):
     """Gate `name`, remove a random `fraction` of its channel groups, prune,
     and measure. Returns a dict (see benchmarks/kerashub_sweep.py)."""
     import os
@@ -293,4 +313,8 @@ def sweep_one(name, fraction=0.3, seed=0, tmpdir=None, size=SIZE):
         flops_before=before.flops, params_before=before.params,
         pruned_class=type(pruned).__name__, input_shape=list(size),
     )
+    if taylor:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            row.update(taylor_steps(model, size=size, seed=seed))
     return row

@@ -35,8 +35,8 @@ KNOWN_BROKEN = {
 PARTIAL = {"dinov2"}
 
 
-def _check(name, tmp_path):
-    row = zoo.sweep_one(name, tmpdir=str(tmp_path))
+def _check(name, tmp_path, taylor=True):
+    row = zoo.sweep_one(name, tmpdir=str(tmp_path), taylor=taylor)
     if name in NOT_PRUNABLE:
         assert row["groups"] == 0
         return row
@@ -48,12 +48,18 @@ def _check(name, tmp_path):
     assert row["reload_max_abs_diff"] <= 1e-6
     assert row["pruned_class"] == "Functional"
     assert row["prunable_mac_share"] >= 0.9, row
+    if not taylor:
+        return row
+    # A few TaylorPruning steps with image_shape=(None, None, 3): FLOPs counted at the data's size.
+    assert row["taylor_input_shapes"] == [list(zoo.SIZE)] and row["taylor_steps"] >= 1
+    assert row["taylor_flops"] < 1.0
     return row
 
 
 @pytest.mark.parametrize("name", FAST)
 def test_kerashub_fast_subset_prunes_exactly(name, tmp_path):
-    _check(name, tmp_path)
+    # TaylorPruning on a (None, None, 3) backbone: test_taylor_pruning_on_dynamic_kerashub_backbone.
+    _check(name, tmp_path, taylor=False)
 
 
 @pytest.mark.exhaustive

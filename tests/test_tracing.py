@@ -199,3 +199,86 @@ def test_registered_handler_wins_over_tracing():
 def test_max_depth_is_validated():
     with pytest.raises(ValueError, match="max_depth"):
         tracing.inline_composite_layers(_model(ConvBN(4, name="cb")), max_depth=0)
+
+
+# ---- keras.ops nodes KerasHub uses: pad, split, mean ----------------------
+
+def _prune_first_groups(model, k=2):
+    gated = kt.add_gates(model)
+    graph = kt.analyze(gated)
+    removed = set(range(min(k, graph.num_groups)))
+    for l in kt.gates.gate_layers(gated):
+        g = graph.groups_of_layer_output(l.name)
+        l.gate.assign(np.where(np.isin(g, list(removed)) & (g >= 0), 0.0, 1.0).astype("float32"))
+    pruned = kt.prune(gated)
+    np.testing.assert_allclose(pruned(_x()), gated(_x()), rtol=1e-5, atol=1e-5)
+    return graph, pruned
+
+
+def _op_model(op):
+    inputs = keras.Input((12, 12, 3))
+    x = layers.Conv2D(6, 3, padding="same", name="c1")(inputs)
+    x = layers.BatchNormalization(name="b1")(x)
+    x = op(layers.ReLU(name="r1")(x))
+    x = layers.Conv2D(4, 3, name="c2")(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    return randomize_bn(keras.Model(inputs, layers.Dense(3, name="out")(x)))
+
+
+def test_pad_with_zeros_keeps_channels_prunable_and_exact():
+    model = _op_model(lambda x: ops.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))))
+    graph, pruned = _prune_first_groups(model)
+    assert (graph.groups_of_layer_output("b1") >= 0).all()
+    assert pruned.get_layer("c1").filters < 6
+
+
+def test_pad_with_a_nonzero_constant_fixes_the_channels_it_lifts():
+    model = _op_model(lambda x: ops.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-1.0))
+    graph = kt.analyze(kt.add_gates(model, on_unknown="freeze"))
+    assert (graph.groups_of_layer_output("b1") < 0).all()
+    reasons = " ".join(graph.fixed_reason.values())
+    assert "constant_values=-1.0" in reasons
+
+
+def test_pad_of_the_channel_axis_fixes_the_channels():
+    model = _op_model(lambda x: ops.pad(x, ((0, 0), (0, 0), (0, 0), (1, 0))))
+    graph = kt.analyze(model, on_unknown="freeze")
+    assert (graph.groups_of_layer_output("c1") < 0).all()
+    assert any("pads the channel axis" in r for r in graph.fixed_reason.values())
+
+
+def _split_model(sections):
+    inputs = keras.Input((12, 12, 3))
+    x = layers.Conv2D(6, 3, padding="same", name="c1")(inputs)
+    x = layers.BatchNormalization(name="b1")(x)
+    x = layers.ReLU(name="r1")(x)
+    a, b = ops.split(x, sections, axis=-1)
+    a = layers.Conv2D(4, 1, name="ca")(a)
+    b = layers.Conv2D(4, 1, name="cb")(b)
+    x = layers.Concatenate()([a, b])
+    x = layers.GlobalAveragePooling2D()(x)
+    return randomize_bn(keras.Model(inputs, layers.Dense(3, name="out")(x)))
+
+
+def test_split_into_equal_sections_ties_them_and_prunes_exactly():
+    graph, pruned = _prune_first_groups(_split_model(2), k=1)
+    groups = graph.groups_of_layer_output("b1")
+    np.testing.assert_array_equal(groups[:3], groups[3:])  # channel j of both halves tied
+    assert pruned.get_layer("c1").filters in (4, 6)
+
+
+def test_split_at_explicit_indices_fixes_the_channels():
+    graph = kt.analyze(_split_model([2]), on_unknown="freeze")
+    assert (graph.groups_of_layer_output("c1") < 0).all()
+    assert any("fixed indices" in r for r in graph.fixed_reason.values())
+
+
+def test_mean_over_positions_squeeze_excite_prunes_exactly():
+    def se(x):
+        s = ops.mean(x, axis=(1, 2), keepdims=True)
+        s = layers.Conv2D(2, 1, activation="relu", name="se_r")(s)
+        s = layers.Conv2D(6, 1, name="se_e")(s)
+        return x * ops.sigmoid(s)
+
+    graph, pruned = _prune_first_groups(_op_model(se), k=2)
+    assert (graph.groups_of_layer_output("b1") >= 0).all()

@@ -50,3 +50,13 @@ class warnings_ok:
 
     def __exit__(self, *exc):
         return self._ctx.__exit__(*exc)
+
+
+def test_a_model_left_with_no_gate_is_said_so():
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, name="c")(inputs)
+    x = keras.layers.LayerNormalization(name="ln")(x)
+    model = keras.Model(inputs, keras.layers.Conv2D(2, 1, name="head")(x))
+    with pytest.warns(UserWarning, match=r"no prunable channel group.*'ln' \(LayerNormalization\) mixes channels"):
+        gated = kt.add_gates(model)
+    assert not kt.gates.gate_layers(gated)

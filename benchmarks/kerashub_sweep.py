@@ -1,0 +1,91 @@
+"""KerasHub sweep: every KerasHub vision model of tests/kerashub_zoo.py, built
+offline from its constructor (small config, random weights, H/W unknown),
+gated, a random 30% of its channel groups removed, pruned and measured.
+
+Writes benchmarks/results/kerashub_sweep.json and a markdown table
+(benchmarks/results/kerashub_sweep.md): model, prunable MAC share, groups,
+max relative error (surgery vs masking), FLOPs and params after ÷ before.
+
+    PYTHONPATH=$PWD nice python benchmarks/kerashub_sweep.py [model ...]
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def main(names) -> None:
+    import keras
+    import keras_hub
+
+    from tests import kerashub_zoo as zoo
+    from tests.test_kerashub import KNOWN_BROKEN, NOT_PRUNABLE
+
+    names = names or list(zoo.MODELS)
+    rows = []
+    tmp = tempfile.mkdtemp()
+    for name in names:
+        start = time.time()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                row = zoo.sweep_one(name, tmpdir=tmp)
+            except Exception as e:  # noqa: BLE001 - recorded in the table
+                row = {"model": name, "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}",
+                       "trace": traceback.format_exc(limit=3)}
+        row["note"] = NOT_PRUNABLE.get(name) or KNOWN_BROKEN.get(name, "")
+        row["seconds"] = round(time.time() - start, 1)
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "trace"}), flush=True)
+    meta = {
+        "command": "PYTHONPATH=$PWD nice python benchmarks/kerashub_sweep.py",
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared)",
+        "keras": keras.__version__, "keras_hub": keras_hub.__version__,
+        "input_shape": list(zoo.SIZE), "removed_fraction": 0.3, "seed": 0,
+    }
+    with open(os.path.join(HERE, "results", "kerashub_sweep.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    with open(os.path.join(HERE, "results", "kerashub_sweep.md"), "w") as f:
+        f.write(table(rows, meta))
+
+
+def table(rows, meta) -> str:
+    lines = [
+        f"KerasHub {meta['keras_hub']}, Keras {meta['keras']}, input {tuple(meta['input_shape'])}, "
+        f"random 30% of groups removed (seed 0); {meta['machine']}, {meta['date']}.",
+        "",
+        "| model | class | prunable MAC share | groups | max rel. error | FLOPs after÷before | params after÷before | note |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | | | | | | | fails: {r['error']} {r['note']} |")
+            continue
+        if not r.get("pruned"):
+            lines.append(f"| {r['model']} | {r['class']} | {r['prunable_mac_share']:.2f} | 0 | | | | {r['note'] or r.get('reason', '')} |")
+            continue
+        extra = r["note"]
+        if r["unknown_layers"]:
+            extra = (extra + "; " if extra else "") + "fixed units: " + ", ".join(r["unknown_layers"])
+        lines.append(
+            f"| {r['model']} | {r['class']} | {r['prunable_mac_share']:.3f} | {r['groups']} | {r['max_rel_error']:.1e} | "
+            f"{r['flops_ratio']:.3f} | {r['params_ratio']:.3f} | {extra} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
