@@ -60,6 +60,7 @@ flags.DEFINE_integer("size", 96, "Input size (square).")
 flags.DEFINE_integer("prunings", 20, "Random prunings per model and runtime.")
 flags.DEFINE_integer("rounds", 7, "Interleaved timing rounds (table and check).")
 flags.DEFINE_integer("seed", 0, "Seed.")
+flags.DEFINE_list("targets", ["0.7", "0.5", "0.3"], "One-shot knapsack latency targets (random scores, aligned to 8).")
 flags.DEFINE_list("fractions", ["0.125", "0.25", "0.375", "0.5", "0.625", "0.75", "0.875"], "Width fractions sampled by the table.")
 flags.DEFINE_bool("fresh", True, "Clear this run's table cache first (cold build time).")
 flags.DEFINE_string("cache_dir", "/tmp/keras_taylor_latency_bench", "Table cache directory.")
@@ -122,6 +123,18 @@ def run_one(name, runtime):
     runners = {"dense": lt._runner(model, runtime, 1, rng)}
     for i, v in enumerate(variants):
         runners[f"p{i}"] = lt._runner(v["model"], runtime, 1, rng)
+    # One-shot knapsack to latency targets (random importance, widths multiples of 8).
+    graph = kt.analyze(model)
+    targeted = {}
+    for t in [float(x) for x in FLAGS.targets]:
+        scores = rng.uniform(size=graph.num_groups)
+        start = time.time()
+        plan = selection.knapsack_plan(graph, scores, table, t * table.full_ms, channel_multiple=8)
+        solve_s = time.time() - start
+        pruned = kt.apply_plan(model, plan)
+        targeted[t] = {"model": pruned, "solve_s": solve_s, "predicted_fraction": table.predict(pruned) / table.full_ms,
+                       "flops_fraction": kt.profile(pruned).flops / kt.profile(model).flops}
+        runners[f"t{t}"] = lt._runner(pruned, runtime, 1, rng)
     timed = kt_latency.time_callables(runners, rounds=FLAGS.rounds, seed=FLAGS.seed)
     rows = []
     for i, v in enumerate(variants):
@@ -133,13 +146,19 @@ def run_one(name, runtime):
             "pred_over_meas": pred / meas,
         })
     err = np.abs(np.array([r["pred_over_meas"] for r in rows]) - 1.0)
+    dense = timed["dense"]["min_ms"]
+    target_rows = [
+        {"target": t, "predicted_fraction": v["predicted_fraction"], "flops_fraction": v["flops_fraction"],
+         "measured_fraction": timed[f"t{t}"]["min_ms"] / dense, "knapsack_s": v["solve_s"]}
+        for t, v in targeted.items()
+    ]
     return {
         "model": name, "runtime": runtime, "size": FLAGS.size, "batch": 1, "fractions": fr, "rounds": FLAGS.rounds,
         "table_build_s": build_s, "table_cached_s": cached_s, "segments": len(table.layers),
         "dense_predicted_ms": table.predict(model), "dense_measured_min_ms": timed["dense"]["min_ms"],
         "table_full_ms": table.full_ms, "fixed_ms": table.fixed_ms,
         "median_abs_err": float(np.median(err)), "worst_abs_err": float(err.max()),
-        "prunings": rows, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+        "prunings": rows, "latency_targets": target_rows, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
     }
 
 
@@ -160,7 +179,9 @@ def main(argv):
             print(
                 f"{name} {runtime} {FLAGS.size}²: table {res['table_build_s']:.0f} s ({res['segments']} segments, "
                 f"cached {res['table_cached_s']:.2f} s); predicted/measured median |err| "
-                f"{res['median_abs_err']:.3f}, worst {res['worst_abs_err']:.3f}; load {res['loadavg_before']}",
+                f"{res['median_abs_err']:.3f}, worst {res['worst_abs_err']:.3f}; load {res['loadavg_before']}; targets "
+                + ", ".join(f"{r['target']}: measured {r['measured_fraction']:.3f} (pred {r['predicted_fraction']:.3f}, "
+                            f"FLOPs {r['flops_fraction']:.3f})" for r in res["latency_targets"]),
                 flush=True,
             )
             os.makedirs(os.path.dirname(FLAGS.output), exist_ok=True)
