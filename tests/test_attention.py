@@ -529,3 +529,11 @@ def test_weight_taylor_sees_heads_through_the_value_kernel():
     a, b = scores["taylor_fo_weight"][heads], scores["taylor_fo_bn"][heads]
     assert b.min() > 0
     np.testing.assert_allclose(a, b, rtol=1e-4)
+
+
+def test_vit_refuses_a_patch_size_that_does_not_divide_the_image():
+    with pytest.raises(ValueError, match="patch_size=5"):
+        kt.models.vit(input_shape=(28, 28, 1), patch_size=5)
+    model = tiny_vit(depth=1)
+    assert model.output_shape == (None, 3)
+    assert model.get_layer("tokens").output.shape == (None, 5, 8)  # 4 patches + class token
