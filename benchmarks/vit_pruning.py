@@ -13,7 +13,8 @@ training continues for the same number of epochs and with the same data order:
 - `mlp_only`: the heads are never removed (their groups ranked last), which is
   what keras_taylor did before attention layers had a handler;
 - `heads+mlp_per_flop`: heads and MLP units ranked by Taylor score per FLOP
-  (`keras_taylor.attention.PerFlop`).
+  (`keras_taylor.attention.PerFlop`);
+- `heads+mlp_abs_per_flop`: ranked by `|∂L/∂m|` per FLOP (`PerFlop(power=0.5)`).
 
 Top-1 on the 10,000 test images, FLOPs (MACs, attention `QKᵀ`/`AV` included),
 params and CPU latency (`keras_taylor.latency`, interleaved) go to
@@ -83,7 +84,7 @@ def main(argv=None) -> int:
     p.add_argument("--prune_every", type=int, default=10)
     p.add_argument("--channels_per_step", type=int, default=32)
     p.add_argument("--variants", default="heads+mlp,mlp_only,heads+mlp_per_flop",
-                   help="comma-separated subset of heads+mlp, mlp_only, heads+mlp_per_flop")
+                   help="comma-separated subset of heads+mlp, mlp_only, heads+mlp_per_flop, heads+mlp_abs_per_flop")
     p.add_argument("--quick", action="store_true", help="tiny smoke run")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "vit_pruning.json"))
     args = p.parse_args(argv)
@@ -118,7 +119,7 @@ def main(argv=None) -> int:
     }
     pruned_models = {"dense": model}
     variants = args.variants.split(",")
-    unknown = set(variants) - {"heads+mlp", "mlp_only", "heads+mlp_per_flop"}
+    unknown = set(variants) - {"heads+mlp", "mlp_only", "heads+mlp_per_flop", "heads+mlp_abs_per_flop"}
     if unknown:
         raise ValueError(f"Expected variants among heads+mlp, mlp_only, heads+mlp_per_flop. Received: {sorted(unknown)}")
     for variant in variants:
@@ -127,6 +128,7 @@ def main(argv=None) -> int:
         criterion = {
             "heads+mlp": "taylor_fo_bn",
             "heads+mlp_per_flop": kt.attention.PerFlop("taylor_fo_bn"),
+            "heads+mlp_abs_per_flop": kt.attention.PerFlop("taylor_fo_bn", power=0.5),
         }.get(variant) or HeadsLast(_head_groups(gated))
         pruner = kt.TaylorPruning(
             target=0.5, metric="flops", prune_every=args.prune_every,

@@ -425,9 +425,16 @@ class PerFlop(criteria_lib.Criterion):
     ranked last. The FLOPs/params target of `TaylorPruning` stays the one
     knob: only the order changes.
 
+    The default Taylor-FO score is a square, `(∂L/∂m)²`, so it grows with
+    the square of a unit's contribution while FLOPs grow linearly: `power=0.5`
+    ranks by `|∂L/∂m|` per FLOP (Michel et al.'s head importance per unit of
+    cost) instead.
+
     Args:
         criterion: the base criterion id or instance. Defaults to
             `"taylor_fo_bn"`.
+        power: the base criterion's ranking score is raised to this power
+            (> 0) before the division. Defaults to `1.0`.
 
     Example:
 
@@ -438,9 +445,12 @@ class PerFlop(criteria_lib.Criterion):
 
     name = "per_flop"
 
-    def __init__(self, criterion="taylor_fo_bn"):
+    def __init__(self, criterion="taylor_fo_bn", power: float = 1.0):
         if isinstance(criterion, PerFlop):
             raise ValueError("Expected a base criterion. Received: criterion=PerFlop(...)")
+        if isinstance(power, bool) or not isinstance(power, (int, float)) or not power > 0:
+            raise ValueError(f"Expected power to be a number > 0. Received: power={power!r}")
+        self.power = float(power)
         self.base = criteria_lib.get(criterion)
         self.uses_activations = self.base.uses_activations
 
@@ -452,13 +462,15 @@ class PerFlop(criteria_lib.Criterion):
 
     def rank(self, scores, context):
         ranked = np.asarray(self.base.rank(scores, context), dtype="float64")
+        if self.power != 1.0:
+            ranked = np.sign(ranked) * np.abs(ranked) ** self.power
         flops = context.group_flops()
         with np.errstate(divide="ignore", invalid="ignore"):
             out = np.where(flops > 0, ranked / np.where(flops > 0, flops, 1.0), np.inf)
         return out
 
     def get_config(self):
-        return {"criterion": self.base if self.base.get_config() else self.base.name}
+        return {"criterion": self.base if self.base.get_config() else self.base.name, "power": self.power}
 
 
 for _cls in (L.MultiHeadAttention, L.GroupQueryAttention):

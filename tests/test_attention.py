@@ -408,9 +408,13 @@ def test_per_flop_divides_by_group_cost():
     out = crit.rank(np.array([1.0, 1.0, 5.0]), ctx)
     np.testing.assert_allclose(out[:2], [1.0, 2.0])  # FLOPs normalised to 1.0 and 0.5
     assert np.isinf(out[2])
-    assert kt.attention.PerFlop.from_config(crit.get_config()).base.name == "taylor_fo_bn"
+    again = kt.attention.PerFlop.from_config(kt.attention.PerFlop(power=0.5).get_config())
+    assert again.base.name == "taylor_fo_bn" and again.power == 0.5
+    np.testing.assert_allclose(again.rank(np.array([4.0, 4.0, 1.0]), ctx)[:2], [2.0, 4.0])  # |∂L/∂m| per FLOP
     with pytest.raises(ValueError, match="criterion"):
         kt.attention.PerFlop("nope")
+    with pytest.raises(ValueError, match="power"):
+        kt.attention.PerFlop(power=0)
 
 
 @pytest.mark.slow
@@ -421,12 +425,16 @@ def test_taylor_pruning_prunes_heads_and_mlp_units_of_a_vit():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64, 8, 8, 1)).astype("float32")
     y = rng.integers(0, 3, 64)
-    pruner = kt.TaylorPruning(target=0.7, prune_every=2, channels_per_step=2, criterion=kt.attention.PerFlop())
+    pruner = kt.TaylorPruning(target=0.5, prune_every=2, channels_per_step=2, criterion=kt.attention.PerFlop(power=0.5))
     gated.fit(x, y, batch_size=8, epochs=3, verbose=0, callbacks=[pruner])
     assert pruner.done
     pruned = kt.prune(gated)
-    assert kt.profile(pruned).flops <= 0.7 * kt.profile(model).flops
+    assert kt.profile(pruned).flops <= 0.5 * kt.profile(model).flops
     assert rel_err(pruned(x[:4]), gated(x[:4])) <= 1e-5
+    heads = [pruned.get_layer(f"block{b}_attn").num_heads for b in range(2)]
+    units = [pruned.get_layer(f"block{b}_mlp1").units for b in range(2)]
+    assert min(heads) >= 1 and sum(heads) < 8  # the callback removed heads ...
+    assert sum(units) < 12  # ... and MLP units, from one ranking
 
 
 # ---- head dimensions (opt-in) -------------------------------------------------------------
@@ -521,3 +529,11 @@ def test_weight_taylor_sees_heads_through_the_value_kernel():
     a, b = scores["taylor_fo_weight"][heads], scores["taylor_fo_bn"][heads]
     assert b.min() > 0
     np.testing.assert_allclose(a, b, rtol=1e-4)
+
+
+def test_vit_refuses_a_patch_size_that_does_not_divide_the_image():
+    with pytest.raises(ValueError, match="patch_size=5"):
+        kt.models.vit(input_shape=(28, 28, 1), patch_size=5)
+    model = tiny_vit(depth=1)
+    assert model.output_shape == (None, 3)
+    assert model.get_layer("tokens").output.shape == (None, 5, 8)  # 4 patches + class token
