@@ -27,6 +27,7 @@ from keras_taylor.surgery import apply_plan, prune
 from keras_taylor.nesting import inline_nested_models
 from keras_taylor.monitor import PruningTensorBoard, plot_channels, plot_history
 from keras_taylor.oracle import oracle_deltas, plot_correlations, rank_correlations
+from keras_taylor.finetune import fit_prune
 
 __version__ = "0.1.0"
 
@@ -46,6 +47,7 @@ __all__ = [
     "analyze",
     "apply_plan",
     "criteria",
+    "fit_prune",
     "gate_values",
     "inline_nested_models",
     "is_gated",

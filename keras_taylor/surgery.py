@@ -41,16 +41,35 @@ def apply_plan(model: keras.Model, plan: PruningPlan, on_unknown: str = "error")
     model = nesting.inline_nested_models(model)  # the pruned model is flat
     graph = graph_lib.analyze(model, on_unknown=on_unknown)
     removed = plan.removed_groups(graph)
-    alive = graph.alive_ids(removed)
     for name, count in graph.layer_channel_counts(removed).items():
         if count == 0:
             raise ValueError(
                 f"Expected at least one channel left in every layer. Received: "
                 f"a plan that removes every output channel of layer {name!r}."
             )
-    # Kept indices per layer (first call), only for layers that lose channels.
-    # Stripping gates keeps every layer name and connection, so they apply to
-    # the stripped model as they are.
+    # Stripping gates keeps every layer name and connection, so the kept
+    # indices apply to the stripped model as they are.
+    kept = kept_channels(graph, removed)
+    if gates_lib.is_gated(model):
+        model = gates_lib._strip(model, check_output_gates=False)
+    pending = []
+
+    def clone(layer):
+        config, weights = slice_layer(layer, layer.get_config(), layer.get_weights(), kept)
+        new = layer.__class__.from_config(config)
+        pending.append((new, weights))
+        return new
+
+    pruned = gates_lib.clone_with(model, clone)
+    for layer, weights in pending:
+        layer.set_weights(weights)
+    return pruned
+
+
+def kept_channels(graph, removed) -> dict:
+    """Kept indices per layer that loses channels, keyed by layer name (first call):
+    `{name: (kept per input, kept per output, input axes, output axes)}`."""
+    alive = graph.alive_ids(removed)
     kept = {}
     seen = set()
     for node in graph.nodes:
@@ -61,24 +80,18 @@ def apply_plan(model: keras.Model, plan: PruningPlan, on_unknown: str = "error")
         kout = [np.flatnonzero(alive[m]) for m in node.out_maps]
         if any(len(k) < len(m) for k, m in zip(kin + kout, node.in_maps + node.out_maps)):
             kept[node.name] = (kin, kout, node.in_axes, node.out_axes)
-    if gates_lib.is_gated(model):
-        model = gates_lib._strip(model, check_output_gates=False)
-    pending = []
+    return kept
 
-    def clone(layer):
-        config = layer.get_config()
-        weights = layer.get_weights()
-        handler = graph_lib.get_handler(layer)
-        if handler is not None and layer.name in kept:
-            config, weights = handler.slice_with_layout(layer, config, weights, *kept[layer.name])
-        new = layer.__class__.from_config(config)
-        pending.append((new, weights))
-        return new
 
-    pruned = gates_lib.clone_with(model, clone)
-    for layer, weights in pending:
-        layer.set_weights(weights)
-    return pruned
+def slice_layer(layer, config: dict, weights: list, kept: dict) -> tuple:
+    """`(config, weights)` of `layer` with the channels `kept_channels` drops
+    left out, by the layer's handler; `weights` is shaped like
+    `layer.get_weights()` (it may hold other arrays of those shapes, such as
+    optimizer slots). Unchanged for a layer that loses no channel."""
+    handler = graph_lib.get_handler(layer)
+    if handler is not None and layer.name in kept:
+        return handler.slice_with_layout(layer, config, weights, *kept[layer.name])
+    return config, weights
 
 
 def prune(model: keras.Model, on_unknown: str = "error") -> keras.Model:
