@@ -34,6 +34,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "TaylorPruning": "keras_taylor.callbacks",
     "TaylorScorer": "keras_taylor.scoring",
+    "fit_prune": "keras_taylor.finetune",
     "PruningTensorBoard": "keras_taylor.monitor",
     "oracle_deltas": "keras_taylor.oracle",
     "plot_correlations": "keras_taylor.oracle",
@@ -78,6 +79,7 @@ __all__ = [
     "apply_plan",
     "criteria",
     "export",
+    "fit_prune",
     "gate_values",
     "inline_nested_models",
     "is_gated",

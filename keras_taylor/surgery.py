@@ -44,16 +44,58 @@ def apply_plan(model: keras.Model, plan: PruningPlan, on_unknown: str = "error")
     model = tracing.inline_composite_layers(model)  # the pruned model is flat and composites traced
     graph = graph_lib.analyze(model, on_unknown=on_unknown)
     removed = plan.removed_groups(graph)
-    alive = graph.alive_ids(removed)
     for name, count in graph.layer_channel_counts(removed).items():
         if count == 0:
             raise ValueError(
                 f"Expected at least one channel left in every layer. Received: "
                 f"a plan that removes every output channel of layer {name!r}."
             )
-    # Kept indices per layer (first call), only for layers that lose channels.
-    # Stripping gates keeps every layer name and connection, so they apply to
-    # the stripped model as they are.
+    # Stripping gates keeps every layer name and connection, so the kept
+    # indices apply to the stripped model as they are.
+    kept = kept_channels(graph, removed)
+    if gates_lib.is_gated(model):
+        model = gates_lib._strip(model, check_output_gates=False)
+    pending = []
+
+    def clone(layer):
+        weights = layer.get_weights()
+        if layer.name not in kept or graph_lib.get_handler(layer) is None:
+            # Channels unchanged: reused when its config cannot rebuild it.
+            new, copied = nesting.copy_layer(layer)
+            if not copied:
+                return new
+        else:
+            try:
+                config = layer.get_config()
+            except Exception:  # noqa: BLE001 - a layer without a config: see below
+                config = None
+            if config is None:  # kept as is if slicing leaves it alone (Identity)
+                sliced, new_weights = slice_layer(layer, {}, weights, kept)
+                if sliced or any(a.shape != b.shape for a, b in zip(new_weights, weights)):
+                    raise ValueError(
+                        f"Cannot rebuild layer {layer.name!r} of class {type(layer).__name__} "
+                        "with fewer channels: its `get_config()` fails. Give it a "
+                        "`get_config()` that `from_config` accepts."
+                    )
+                new, copied = nesting.copy_layer(layer)
+                if not copied:
+                    return new
+            else:
+                config, weights = slice_layer(layer, config, weights, kept)
+                new = nesting.rebuild_layer(layer, config)
+        pending.append((new, weights))
+        return new
+
+    pruned = gates_lib.clone_with(model, clone)
+    for layer, weights in pending:
+        layer.set_weights(weights)
+    return pruned
+
+
+def kept_channels(graph, removed) -> dict:
+    """Kept indices per layer that loses channels, keyed by layer name (first call):
+    `{name: (kept per input, kept per output, input axes, output axes)}`."""
+    alive = graph.alive_ids(removed)
     kept = {}
     seen = set()
     for node in graph.nodes:
@@ -66,43 +108,18 @@ def apply_plan(model: keras.Model, plan: PruningPlan, on_unknown: str = "error")
         kout = [np.flatnonzero(alive[m]) for m in maps_out]
         if any(len(k) < len(m) for k, m in zip(kin + kout, node.in_maps + maps_out)):
             kept[node.name] = (kin, kout, node.in_axes, node.out_axes)
-    if gates_lib.is_gated(model):
-        model = gates_lib._strip(model, check_output_gates=False)
-    pending = []
+    return kept
 
-    def clone(layer):
-        weights = layer.get_weights()
-        handler = graph_lib.get_handler(layer)
-        if handler is not None and layer.name in kept:
-            try:
-                config = layer.get_config()
-            except Exception:  # noqa: BLE001 - a layer without a config: see below
-                config = None
-            if config is None:  # kept as is if slicing leaves it alone (Identity)
-                sliced, new_weights = handler.slice_with_layout(layer, {}, weights, *kept[layer.name])
-                if sliced or any(a.shape != b.shape for a, b in zip(new_weights, weights)):
-                    raise ValueError(
-                        f"Cannot rebuild layer {layer.name!r} of class {type(layer).__name__} "
-                        "with fewer channels: its `get_config()` fails. Give it a "
-                        "`get_config()` that `from_config` accepts."
-                    )
-                new, copied = nesting.copy_layer(layer)
-                if not copied:
-                    return new
-            else:
-                config, weights = handler.slice_with_layout(layer, config, weights, *kept[layer.name])
-                new = nesting.rebuild_layer(layer, config)
-        else:  # channels unchanged: reused when its config cannot rebuild it
-            new, copied = nesting.copy_layer(layer)
-            if not copied:
-                return new
-        pending.append((new, weights))
-        return new
 
-    pruned = gates_lib.clone_with(model, clone)
-    for layer, weights in pending:
-        layer.set_weights(weights)
-    return pruned
+def slice_layer(layer, config: dict, weights: list, kept: dict) -> tuple:
+    """`(config, weights)` of `layer` with the channels `kept_channels` drops
+    left out, by the layer's handler; `weights` is shaped like
+    `layer.get_weights()` (it may hold other arrays of those shapes, such as
+    optimizer slots). Unchanged for a layer that loses no channel."""
+    handler = graph_lib.get_handler(layer)
+    if handler is not None and layer.name in kept:
+        return handler.slice_with_layout(layer, config, weights, *kept[layer.name])
+    return config, weights
 
 
 def prune(model: keras.Model, on_unknown: str = "error") -> keras.Model:

@@ -1,0 +1,324 @@
+"""Transfer-learning pruning study (the ICLR'17 setting) on Fashion-MNIST.
+
+Source task: Fashion-MNIST classes 0-4 (T-shirt, trouser, pullover, dress,
+coat), all their training images; a ResNet from `keras_taylor.models` is
+trained on it once and cached. Target task: classes 5-9 (sandal, shirt,
+sneaker, bag, ankle boot) with only `--per_class` training images per class
+(a seeded subset), tested on all their test images. Every seed transfers the
+source network to the target (new 5-way head, whole network fine-tuned, cached
+per seed), then every (criterion, FLOPs target) cell prunes a copy of that
+transferred network while fine-tuning (`keras_taylor.fit_prune`: the epochs
+after the target is reached train the physically pruned model) and reports
+top-1 on the target test set. Why this split can falsify the claim:
+docs/evidence.md.
+
+    python benchmarks/transfer_study.py                 # the full study (hours on 2 CPU cores)
+    python benchmarks/transfer_study.py --seeds 0,1 --targets 0.5,0.3 --criteria taylor_fo_bn,weight_l2,random
+    python benchmarks/transfer_study.py --smoke         # seconds: tiny sizes, checks the pipeline
+    python benchmarks/transfer_study.py --report_only   # summary + plot from the JSON
+
+Resumable: every finished cell is written to `--results` at once, and a cell
+already there (same key and same configuration) is skipped.
+Summary per (criterion, target): mean and standard deviation over seeds, and
+the paired margin against Taylor-FO-BN (same seed, same transferred network)
+with a Student-t 95% confidence interval (scipy).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags  # noqa: E402
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import keras_taylor as kt  # noqa: E402
+from keras_taylor import criteria as criteria_lib  # noqa: E402
+from keras_taylor import datasets, models  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("output_dir", "runs/transfer", "Cached source and transferred models.")
+flags.DEFINE_string("results", "benchmarks/results/transfer_study.json", "Results JSON (resumable).")
+flags.DEFINE_string("plot", "docs/img/transfer_study.png", "Accuracy-vs-FLOPs plot.")
+flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds: target subset, head init, data order, random criterion.")
+flags.DEFINE_list("targets", ["0.7", "0.5", "0.3", "0.2"], "FLOPs targets (fraction of the unpruned model).")
+flags.DEFINE_list(
+    "criteria", ["taylor_fo_bn", "taylor_fo_fg", "iclr17_taylor", "bn_scale", "weight_l2", "random"], "Criteria."
+)
+flags.DEFINE_string("normalization", None, "TaylorPruning(normalization=): none, l2_layer, mean_group; default: each criterion's own.")
+flags.DEFINE_list("widths", ["32", "64", "128"], "ResNet stage widths (a wider net than the task needs).")
+flags.DEFINE_integer("blocks", 1, "Residual blocks per stage.")
+flags.DEFINE_integer("source_epochs", 6, "Source training epochs.")
+flags.DEFINE_integer("source_images", 0, "Source training images (0: all of classes 0-4).")
+flags.DEFINE_integer("per_class", 300, "Target training images per class.")
+flags.DEFINE_integer("test_images", 0, "Target test images (0: all of classes 5-9).")
+flags.DEFINE_integer("transfer_epochs", 10, "Dense fine-tuning epochs on the target before pruning.")
+flags.DEFINE_integer("prune_epochs", 6, "Epochs in which pruning reaches the target.")
+flags.DEFINE_integer("finetune_epochs", 10, "Epochs after the pruning epochs (on the pruned model).")
+flags.DEFINE_integer("prune_every", 5, "Minibatches between pruning steps.")
+flags.DEFINE_integer("batch_size", 32, "Batch size on the target task.")
+flags.DEFINE_float("lr", 0.01, "SGD learning rate (momentum 0.9) on the target task.")
+flags.DEFINE_bool("smoke", False, "Tiny sizes: checks the pipeline in seconds.")
+flags.DEFINE_bool("report_only", False, "Only summarise and plot the results JSON.")
+
+SOURCE, TARGET = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+REFERENCE = "taylor_fo_bn"
+
+
+def config() -> dict:
+    """Everything a cell's result depends on, besides criterion, target and seed."""
+    keys = ("widths", "blocks", "source_epochs", "source_images", "per_class", "test_images", "transfer_epochs",
+            "prune_epochs", "finetune_epochs", "prune_every", "batch_size", "lr", "normalization")
+    return {k: FLAGS[k].value for k in keys}
+
+
+def apply_smoke() -> None:
+    if FLAGS.smoke:
+        for k, v in dict(widths=["4", "8"], blocks=1, source_epochs=1, source_images=600, per_class=12, test_images=100,
+                         transfer_epochs=1, prune_epochs=1, finetune_epochs=1, prune_every=2, batch_size=16,
+                         seeds=["0", "1"], targets=["0.5"], criteria=["taylor_fo_bn", "random"]).items():
+            if not FLAGS[k].present:
+                FLAGS[k].value = v
+
+
+def compile_model(model, lr):
+    model.compile(optimizer=keras.optimizers.SGD(lr, momentum=0.9), loss=LOSS,
+                  metrics=[keras.metrics.SparseCategoricalAccuracy(name="acc")])
+    return model
+
+
+# ---- data --------------------------------------------------------------------------------
+def load_data(seed: int):
+    """Source train (classes 0-4), target train (`per_class` per class of 5-9,
+    chosen by `seed`) and target test (all of 5-9); labels remapped to 0..4."""
+    (x_train, y_train), (x_test, y_test) = datasets.load_fashion_mnist()
+    x_train, x_test = datasets.as_float_images(x_train), datasets.as_float_images(x_test)
+    src = np.flatnonzero(np.isin(y_train, SOURCE))
+    if FLAGS.source_images:
+        src = np.random.default_rng(1234).permutation(src)[: FLAGS.source_images]
+    rng = np.random.default_rng(seed)
+    tgt = np.concatenate([rng.permutation(np.flatnonzero(y_train == c))[: FLAGS.per_class] for c in TARGET])
+    test = np.flatnonzero(np.isin(y_test, TARGET))
+    if FLAGS.test_images:
+        test = np.random.default_rng(4321).permutation(test)[: FLAGS.test_images]
+    remap = lambda y: (y - TARGET[0]).astype("int32")  # noqa: E731
+    return ((x_train[src], y_train[src].astype("int32")), (x_train[tgt], remap(y_train[tgt])),
+            (x_test[test], remap(y_test[test])))
+
+
+def _tag() -> str:
+    return f"w{'-'.join(FLAGS.widths)}_b{FLAGS.blocks}"
+
+
+def source_model(source):
+    """The ResNet trained on classes 0-4, trained once and cached."""
+    path = os.path.join(FLAGS.output_dir, f"source_{_tag()}_e{FLAGS.source_epochs}_n{len(source[0])}.keras")
+    if os.path.exists(path):
+        return keras.saving.load_model(path)
+    keras.utils.set_random_seed(0)
+    model = models.resnet(input_shape=(28, 28, 1), num_classes=len(SOURCE), widths=[int(w) for w in FLAGS.widths],
+                          blocks_per_stage=FLAGS.blocks, name="source")
+    steps = int(np.ceil(len(source[0]) / 128)) * FLAGS.source_epochs
+    compile_model(model, keras.optimizers.schedules.CosineDecay(0.1, decay_steps=steps, alpha=0.01))
+    t0 = time.time()
+    model.fit(*source, batch_size=128, epochs=FLAGS.source_epochs, verbose=2)
+    print(f"== source model: {time.time() - t0:.0f} s", flush=True)
+    os.makedirs(FLAGS.output_dir, exist_ok=True)
+    model.save(path)
+    return model
+
+
+def transferred_model(source, train, test, seed):
+    """The source network with a new 5-way head, fine-tuned on the target subset (cached per seed)."""
+    path = os.path.join(FLAGS.output_dir, f"transfer_{_tag()}_s{seed}_pc{FLAGS.per_class}_e{FLAGS.transfer_epochs}.keras")
+    if os.path.exists(path):
+        model = keras.saving.load_model(path)
+        return compile_model(model, FLAGS.lr)
+    keras.utils.set_random_seed(seed)
+    base = source_model(source)
+    features = base.get_layer("pool").output
+    head = keras.layers.Dense(len(TARGET), name="target_logits")(features)
+    model = compile_model(keras.Model(base.input, head, name="transfer"), FLAGS.lr)
+    model.fit(*train, batch_size=FLAGS.batch_size, epochs=FLAGS.transfer_epochs, verbose=0)
+    model.save(path)
+    return model
+
+
+def top1(model, test) -> float:
+    return float(model.evaluate(*test, batch_size=500, verbose=0, return_dict=True)["acc"])
+
+
+# ---- one cell -----------------------------------------------------------------------------------
+class EpochTimer(keras.callbacks.Callback):
+    """Wall time and trained weights per epoch (shows which model each epoch trained)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._t0 = time.time()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.rows.append({"epoch": epoch, "seconds": time.time() - self._t0, "params": int(self.model.count_params())})
+
+
+def run_cell(dense, train, test, criterion: str, target: float, seed: int) -> dict:
+    keras.utils.set_random_seed(seed)
+    copy = keras.models.clone_model(dense)
+    copy.set_weights(dense.get_weights())
+    gated = compile_model(kt.add_gates(copy), FLAGS.lr)
+    graph = kt.analyze(gated)
+    steps = int(np.ceil(len(train[0]) / FLAGS.batch_size))
+    # Enough groups per step that removing every group would fit in the
+    # pruning epochs: the target is reached within them.
+    events = max(1, (FLAGS.prune_epochs * steps) // FLAGS.prune_every)
+    per_step = max(1, int(np.ceil(graph.num_groups / events)))
+    crit = criteria_lib.Random(seed=seed) if criterion == "random" else criterion
+    pruning = kt.TaylorPruning(target=target, prune_every=FLAGS.prune_every, channels_per_step=per_step,
+                               criterion=crit, normalization=FLAGS.normalization)
+    timer = EpochTimer()
+    t0 = time.time()
+    small, history = kt.fit_prune(gated, *train, batch_size=FLAGS.batch_size, pruning=pruning, callbacks=[timer],
+                                  epochs=FLAGS.prune_epochs + FLAGS.finetune_epochs, verbose=0)
+    wall = time.time() - t0
+    last = pruning.history[-1] if pruning.history else {}
+    return {
+        "criterion": criterion, "target": target, "seed": seed, "top1": top1(small, test),
+        "flops_fraction": last.get("flops_fraction", 1.0), "params_fraction": last.get("params_fraction", 1.0),
+        "groups": graph.num_groups, "channels_per_step": per_step, "reached": bool(pruning.done),
+        "final_loss": float(history.history["loss"][-1]), "wall_seconds": wall, "epochs": timer.rows,
+        "config": config(),
+    }
+
+
+# ---- summary ------------------------------------------------------------------------------------------
+def t_interval(diffs, level=0.95):
+    """Mean and Student-t confidence interval of paired differences (NaN for n < 2)."""
+    from scipy import stats
+
+    d = np.asarray(diffs, dtype=np.float64)
+    if len(d) < 2:
+        return float(d.mean()) if len(d) else float("nan"), [float("nan"), float("nan")]
+    half = float(stats.t.ppf(0.5 + level / 2, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)))
+    return float(d.mean()), [float(d.mean() - half), float(d.mean() + half)]
+
+
+def summarize(cells: dict, dense: dict) -> dict:
+    rows = [c for c in cells.values() if c["config"] == config()]
+    out = {}
+    for crit in sorted({r["criterion"] for r in rows}):
+        for target in sorted({r["target"] for r in rows}):
+            mine = {r["seed"]: r for r in rows if r["criterion"] == crit and r["target"] == target}
+            if not mine:
+                continue
+            acc = np.array([r["top1"] for r in mine.values()])
+            entry = {
+                "n": len(acc), "top1_mean": float(acc.mean()), "top1_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
+                "flops_mean": float(np.mean([r["flops_fraction"] for r in mine.values()])),
+                "params_mean": float(np.mean([r["params_fraction"] for r in mine.values()])),
+            }
+            ref = {r["seed"]: r for r in rows if r["criterion"] == REFERENCE and r["target"] == target}
+            paired = sorted(set(mine) & set(ref))
+            if crit != REFERENCE and paired:
+                diffs = [mine[s]["top1"] - ref[s]["top1"] for s in paired]
+                mean, ci = t_interval(diffs)
+                entry["margin_vs_" + REFERENCE] = {"seeds": paired, "mean": mean, "ci95": ci,
+                                                    "excludes_zero": bool(ci[0] > 0 or ci[1] < 0)}
+            out[f"{crit}|{target}"] = entry
+    out["dense"] = {"top1_per_seed": dense}
+    return out
+
+
+def plot(summary: dict, path: str) -> None:
+    from keras_taylor.monitor import _figure
+
+    fig = _figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.add_subplot(1, 1, 1)
+    crits = sorted({k.split("|")[0] for k in summary if "|" in k})
+    for i, crit in enumerate(crits):
+        pts = sorted((v["flops_mean"], v["top1_mean"], v["top1_std"]) for k, v in summary.items()
+                     if "|" in k and k.split("|")[0] == crit)
+        f, m, s = map(np.array, zip(*pts))
+        ax.errorbar(f + (i - len(crits) / 2) * 0.004, m, yerr=s, marker="o", capsize=3, label=crit)
+    dense = [v for v in summary["dense"]["top1_per_seed"].values()]
+    if dense:
+        ax.axhline(float(np.mean(dense)), color="black", linestyle="--", linewidth=0.8, label="dense (transferred)")
+    ax.set_xlabel("FLOPs kept (fraction of the unpruned network)")
+    ax.set_ylabel("target top-1 (classes 5-9, test)")
+    ax.set_title("Transfer 0-4 → 5-9: mean ± std over seeds", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, format="png", dpi=100)
+
+
+def load_results(path) -> dict:
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return {"cells": {}, "dense": {}}
+
+
+def save_results(path, results) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(tmp, path)
+
+
+def main(argv):
+    del argv
+    apply_smoke()
+    results = load_results(FLAGS.results)
+    if not FLAGS.report_only:
+        seeds, targets = [int(s) for s in FLAGS.seeds], [float(t) for t in FLAGS.targets]
+        for name in FLAGS.criteria:
+            criteria_lib.get(name)  # unknown names fail before any training
+        criteria_lib.check_normalization(FLAGS.normalization)
+        tag = json.dumps(config(), sort_keys=True)
+        for seed in seeds:
+            source, train, test = load_data(seed)
+            dense = transferred_model(source, train, test, seed)
+            results["dense"][f"{seed}|{tag}"] = top1(dense, test)
+            for target in targets:
+                for name in FLAGS.criteria:
+                    key = f"{name}|{target}|{seed}|{tag}"
+                    if key in results["cells"]:
+                        continue
+                    cell = run_cell(dense, train, test, name, target, seed)
+                    results["cells"][key] = cell
+                    results["machine"] = f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}"
+                    results["load_average"] = list(os.getloadavg())
+                    results["command"] = "python " + " ".join(sys.argv)
+                    results["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+                    save_results(FLAGS.results, results)
+                    print(f"{name:14s} target {target:.2f} seed {seed}: top1 {cell['top1']:.4f} "
+                          f"FLOPs {cell['flops_fraction']:.3f} ({cell['wall_seconds']:.0f} s)", flush=True)
+    tag = json.dumps(config(), sort_keys=True)
+    dense = {k.split("|")[0]: v for k, v in results["dense"].items() if k.split("|", 1)[1] == tag}
+    summary = summarize(results["cells"], dense)
+    results["summary"] = summary
+    save_results(FLAGS.results, results)
+    if any("|" in k for k in summary):
+        plot(summary, FLAGS.plot)
+    for key, v in sorted(summary.items()):
+        if "|" not in key:
+            continue
+        m = v.get(f"margin_vs_{REFERENCE}")
+        margin = f"  vs FO-BN {m['mean']:+.4f} [{m['ci95'][0]:+.4f}, {m['ci95'][1]:+.4f}]" if m else ""
+        print(f"{key:22s} n={v['n']} top1 {v['top1_mean']:.4f} ± {v['top1_std']:.4f} FLOPs {v['flops_mean']:.3f}{margin}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,40 @@
+"""benchmarks/transfer_study.py --smoke: the whole pipeline at tiny sizes, and resuming."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(tmp_path, *extra):
+    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "transfer_study.py"), "--smoke",
+           f"--output_dir={tmp_path / 'runs'}", f"--results={tmp_path / 'r.json'}", f"--plot={tmp_path / 'p.png'}", *extra]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, out.stderr[-3000:]
+    with open(tmp_path / "r.json") as f:
+        return json.load(f), out.stdout
+
+
+@pytest.mark.slow
+def test_transfer_study_smoke_and_resume(tmp_path):
+    results, _ = run(tmp_path, "--seeds=0,1", "--targets=0.5", "--criteria=taylor_fo_bn,random")
+    cells = results["cells"]
+    assert len(cells) == 4  # 2 criteria x 1 target x 2 seeds
+    for cell in cells.values():
+        assert cell["reached"] and cell["flops_fraction"] <= 0.5 + 1e-9
+        assert 0.0 <= cell["top1"] <= 1.0
+        assert len(cell["epochs"]) == 2  # prune_epochs + finetune_epochs in --smoke
+        assert cell["epochs"][-1]["params"] < cell["epochs"][0]["params"]  # fine-tuned the pruned model
+    summary = results["summary"]
+    margin = summary["random|0.5"]["margin_vs_taylor_fo_bn"]
+    assert margin["seeds"] == [0, 1] and margin["ci95"][0] <= margin["mean"] <= margin["ci95"][1]
+    assert summary["taylor_fo_bn|0.5"]["n"] == 2
+    assert os.path.getsize(tmp_path / "p.png") > 1000
+    before = {k: v["wall_seconds"] for k, v in cells.items()}
+    again, _ = run(tmp_path, "--seeds=0,1", "--targets=0.5", "--criteria=taylor_fo_bn,random")
+    assert {k: v["wall_seconds"] for k, v in again["cells"].items()} == before  # nothing re-run
