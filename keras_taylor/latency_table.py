@@ -226,7 +226,7 @@ def _runner(model: keras.Model, runtime: str, batch_size: int, rng):
         xt = tf.constant(x)
         return lambda: fn(xt).numpy()
     if runtime == "tflite":
-        from keras_taylor.export import _tflite_interpreter
+        from keras_taylor.export.tflite import _tflite_interpreter
 
         conv = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], model)
         conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
@@ -241,7 +241,7 @@ def _runner(model: keras.Model, runtime: str, batch_size: int, rng):
 
         return run
     if runtime == "onnxruntime":
-        from keras_taylor.export import _import_onnx_converter, _import_onnxruntime, _tf2onnx_convert
+        from keras_taylor.export.onnx import _import_onnx_converter, _import_onnxruntime, _tf2onnx_convert
 
         tf2onnx, _ = _import_onnx_converter()
         ort = _import_onnxruntime()
