@@ -54,12 +54,18 @@ DOCSTRINGS = {
     "keras_taylor.monitor": lambda: blocks(monitor.__doc__),
     "align_removed": lambda: blocks(align.align_removed.__doc__),
     "oracle_deltas": lambda: blocks(oracle.oracle_deltas.__doc__),
+    "fit_prune": lambda: blocks(keras_taylor.fit_prune.__doc__),
+    "PerFlop": lambda: blocks(keras_taylor.attention.PerFlop.__doc__),
 }
 SKIPPED = {
-    # keras_taylor/export.py is being split into a package (issue 12,
-    # "Structure"); its examples write to /models/... and import
-    # ai_edge_litert, which the test environment does not install.
+    # The exporters' examples write to /models/... and import ai_edge_litert,
+    # which the test environment does not install; tests/test_export*.py run
+    # the same calls.
     "export_saved_model", "export_tflite", "export_onnx",
+    # Measures a TFLite latency table of the reader's model (tens of seconds
+    # on 2 cores); tests/test_latency_table.py and tests/test_selection.py run
+    # the same calls on tiny models.
+    "knapsack_plan",
 }
 
 
@@ -128,7 +134,7 @@ def test_every_docstring_example_is_run_or_skipped_with_a_reason():
             if (inspect.isfunction(obj) or inspect.isclass(obj)) and getattr(obj, "__module__", "") == module_name:
                 if obj.__doc__ and "```python" in obj.__doc__:
                     found.add(name)
-    covered = {"TaylorPruning", "ChannelGate", "register_handler", "align_removed", "oracle_deltas"}
+    covered = {"TaylorPruning", "ChannelGate", "register_handler", "align_removed", "oracle_deltas", "fit_prune", "PerFlop"}
     assert found - covered - SKIPPED == set(), "add these docstring examples to DOCSTRINGS"
 
 
