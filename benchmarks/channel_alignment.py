@@ -53,7 +53,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_taylor as kt  # noqa: E402
-from keras_taylor import align  # noqa: E402
+from keras_taylor import align, selection  # noqa: E402
 from keras_taylor import export as kt_export  # noqa: E402
 from keras_taylor import models as kt_models  # noqa: E402
 from keras_taylor.flops import CostModel  # noqa: E402
@@ -229,7 +229,7 @@ def drift(seeds: int, size: int) -> dict:
                     row[f"{mode}{m}"] = pruner.flops_fraction(align.align_removed(pruner.graph, removed, scores, m, mode=mode))
                 t = time.time()
                 row[f"target{m}"] = pruner.flops_fraction(
-                    align.align_to_target(pruner.graph, removed, scores, m, pruner.flops_fraction, FLAGS.target)
+                    selection.align_to_target(pruner.graph, removed, scores, m, pruner.flops_fraction, FLAGS.target)
                 )
                 row[f"target{m}_seconds"] = time.time() - t
             rows.append(row)

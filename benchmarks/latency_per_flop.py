@@ -37,7 +37,7 @@ lively_statistics`, 1000 classes) and each FLOPs target (default 0.7, 0.5,
    `tf.profiler` op profile (time per op type, original vs `--profile`
    targets, both batch sizes); and, with `--align 16`, each target again
    with every layer's kept channels rounded to a multiple of 16
-   (`keras_taylor.align.align_to_target`, same ranking, FLOPs at or under the
+   (`keras_taylor.selection.align_to_target`, same ranking, FLOPs at or under the
    target), measured in the same rounds.
 
     python benchmarks/latency_per_flop.py                      # full run, ~20 min on 2 busy cores
@@ -68,7 +68,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_taylor as kt  # noqa: E402
-from keras_taylor import align as kt_align  # noqa: E402
+from keras_taylor import selection as kt_selection  # noqa: E402
 from keras_taylor import export as kt_export  # noqa: E402
 from keras_taylor.latency import measure_latency  # noqa: E402
 from keras_taylor.testing import lively_statistics  # noqa: E402
@@ -94,7 +94,7 @@ def define_flags():
     flags.DEFINE_integer("rounds_batch", 15, "Interleaved rounds, large batch.")
     flags.DEFINE_float("round_s_batch", 1.0, "Seconds the original model runs per round at the large batch.")
     flags.DEFINE_integer("align", 16, "Also measure, per target, the same ranking with every layer's kept "
-                         "channels rounded to this multiple (keras_taylor.align.align_to_target); 0: off.")
+                         "channels rounded to this multiple (keras_taylor.selection.align_to_target); 0: off.")
     flags.DEFINE_bool("aa_control", True, f"Also time the original a second time as if it were a variant "
                       f"({AA!r}: its own tf.function / interpreter), to show the noise floor of a ratio.")
     flags.DEFINE_integer("floor_size", 32, "Input size of the per-call overhead floor (--only_floor).")
@@ -213,7 +213,7 @@ def prune_variants(name: str, targets, sizes, seed: int, align_multiple: int = 0
     weights at every other size (weights do not depend on the input size). With
     `align_multiple` (e.g. 16), each target also gets a variant `p0.50a16`:
     the same random ranking, every layer's kept channels rounded to that
-    multiple by `keras_taylor.align.align_to_target` (at or under the target).
+    multiple by `keras_taylor.selection.align_to_target` (at or under the target).
     """
     base = {s: build(name, s, seed) for s in sizes}
     weights = base[sizes[0]].get_weights()
@@ -246,7 +246,7 @@ def prune_variants(name: str, targets, sizes, seed: int, align_multiple: int = 0
         removed, cm_ratio = groups_for_target(graph, cost, order, target)
         todo = [(f"p{target:.2f}", removed, None)]
         if align_multiple:
-            aligned = kt_align.align_to_target(graph, removed, scores, align_multiple, fraction, target)
+            aligned = kt_selection.align_to_target(graph, removed, scores, align_multiple, fraction, target)
             todo.append((f"p{target:.2f}a{align_multiple}", aligned, align_multiple))
         for key, rem, multiple in todo:
             plan = kt.PruningPlan.from_groups(graph, rem)
@@ -256,7 +256,7 @@ def prune_variants(name: str, targets, sizes, seed: int, align_multiple: int = 0
                 models[key][s] = kt.apply_plan(base[s], kt.PruningPlan.from_groups(g, plan.removed_groups(g)))
             p = {s: kt.profile(models[key][s]) for s in sizes}
             cls = flops_classes(graph, rem)
-            report16 = kt_align.alignment_report(graph, rem, 16)
+            report16 = kt_selection.alignment_report(graph, rem, 16)
             info["variants"][key] = {
                 "target": target,
                 "aligned_to": multiple,

@@ -204,7 +204,8 @@ def align_removed(
     0.74 (16), "down" down to 0.41 (8) and 0.34 (16). Narrow models move
     more: a ResNet-14 with 16/32/64-channel stages went from 0.50 to
     0.55–0.71 at 16, since a 16-channel layer pruned to 9+ channels rounds up
-    to all 16. Use `align_to_target` to land at or under a FLOPs target.
+    to all 16. Use `keras_taylor.selection.align_to_target` to land at or
+    under a FLOPs target.
 
     A channel group can span several layers: a residual stream's channel is
     an output channel of every conv added into the stream, and all those
@@ -348,90 +349,3 @@ def align_removed(
             for g in round_up(bad[0]):
                 state.toggle(g)
     return set(np.flatnonzero(state.removed).tolist())
-
-
-def align_to_target(
-    graph: graph_lib.ChannelGraph,
-    removed,
-    scores,
-    multiple: int,
-    fraction,
-    target: float,
-    *,
-    min_channels: int = 1,
-    mode: str = "nearest",
-) -> set:
-    """Aligns `removed`, removing more groups first if the result is above `target`.
-
-    The aligned set (`align_removed`) can end slightly above the unaligned
-    set's cost. Then this takes the groups not yet removed in ascending score
-    order (skipping any that would leave a layer under `min_channels`, as the
-    callback's ranking does) and finds a short prefix of them which, added to
-    the *unaligned* set and aligned, lands at or under `target`: prefixes of
-    1, 2, 4, ... groups until one does, then bisection between the last two
-    (about 2·log2(n) calls of `align_removed`). The aligned cost is not
-    monotone in the prefix length, so the prefix found is short, not always
-    the shortest, and the result can land a little under the target. Measured
-    (`benchmarks/channel_alignment.py`, target 0.50 of the dense FLOPs, 5
-    random rankings each of ResNet50, MobileNetV2, EfficientNetB0 and
-    DenseNet121 at 224², multiples 8 and 16): 0.474–0.500, at most 1.6 s
-    per call on 2 busy CPU cores; on a ResNet-14 with 16/32/64-channel
-    stages 0.36–0.47 at 8.
-
-    Args:
-        graph: the model's `ChannelGraph`.
-        removed: iterable of removed group indices (what the ranking chose).
-        scores: per-group importance, higher = more important.
-        multiple: the channel multiple, an integer >= 1.
-        fraction: callable mapping a set of removed groups to the metric's
-            fraction of the unpruned model (e.g. FLOPs left ÷ dense FLOPs).
-        target: the fraction to reach, in (0, 1].
-        min_channels: see `align_removed`. Defaults to `1`.
-        mode: see `align_removed`. Defaults to `"nearest"`.
-
-    Returns:
-        A new `set` of removed group indices, aligned; at or under `target`
-        unless even every removable group is not enough (then the aligned set
-        with all of them removed).
-
-    Raises:
-        ValueError: as `align_removed`, or for a `target` outside (0, 1] or a
-            `fraction` that is not callable.
-    """
-    if not callable(fraction):
-        raise ValueError(f"Expected fraction to be callable. Received: fraction={fraction!r}")
-    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0.0 < float(target) <= 1.0:
-        raise ValueError(f"Expected target in (0, 1]. Received: target={target!r}")
-    base = set(int(g) for g in removed)
-
-    def aligned_with(n):
-        return align_removed(graph, base.union(extra[:n]), scores, multiple, min_channels=min_channels, mode=mode)
-
-    extra: list = []
-    result = aligned_with(0)
-    if fraction(result) <= target:
-        return result
-    # The groups the ranking would take next, in order.
-    from keras_taylor import selection
-
-    order_scores = np.asarray(scores, dtype=np.float64)
-    order_scores = np.where(np.isfinite(order_scores), order_scores, -np.inf)
-    extra, _ = selection.greedy_removal(graph, order_scores, removed=base, min_channels=min_channels, skip_nonfinite=False)
-    if not extra:
-        return result
-    lo, hi = 0, 1  # fraction(aligned_with(lo)) > target
-    while True:
-        result = aligned_with(hi)
-        if fraction(result) <= target or hi == len(extra):
-            break
-        lo, hi = hi, min(2 * hi, len(extra))
-    if fraction(result) > target:
-        return result  # nothing more can be removed
-    while hi - lo > 1:  # invariant: lo above the target, hi at or under it
-        mid = (lo + hi) // 2
-        trial = aligned_with(mid)
-        if fraction(trial) <= target:
-            hi, result = mid, trial
-        else:
-            lo = mid
-    return result

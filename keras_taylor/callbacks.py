@@ -18,7 +18,6 @@ import warnings
 import keras
 import numpy as np
 
-from keras_taylor import align as align_lib
 from keras_taylor import criteria as criteria_lib
 from keras_taylor import graph as graph_lib
 from keras_taylor import flops as flops_lib
@@ -116,7 +115,7 @@ class TaylorPruning(keras.callbacks.Callback):
             tensor-core widths that make pruned layers fast; 1 means no
             rounding). When set, the last pruning step rounds every
             Conv/Dense layer's kept channels to a multiple of it (or its full
-            width; `keras_taylor.align.align_to_target`), staying at or under
+            width; `keras_taylor.selection.align_to_target`), staying at or under
             `target`: it may restore a few of the last-removed groups of a
             layer (weights as they were) and remove a few more low-scored
             ones elsewhere. Defaults to `None` (no rounding).
@@ -575,7 +574,7 @@ class TaylorPruning(keras.callbacks.Callback):
         graph = self._graph
         removed = set(self.removed)
         ranked = np.where(np.isfinite(ranked), ranked, np.inf)
-        aligned = align_lib.align_to_target(
+        aligned = selection.align_to_target(
             graph, removed, ranked, self.channel_multiple,
             lambda r: self._fraction(graph.alive_ids(r)), self.target, min_channels=self.min_channels,
         )

@@ -9,7 +9,7 @@ from keras import layers
 
 import keras_taylor as kt
 from conftest import images, randomize_bn, rel_err
-from keras_taylor import align
+from keras_taylor import align, selection
 from keras_taylor import models as kt_models
 from keras_taylor.flops import CostModel
 from keras_taylor.testing import random_groups
@@ -275,7 +275,7 @@ def test_align_to_target_lands_at_or_under_the_target(name):
             removed = trial
             if fraction(removed) <= 0.6:
                 break
-        aligned = align.align_to_target(graph, removed, scores, 8, fraction, 0.6)
+        aligned = selection.align_to_target(graph, removed, scores, 8, fraction, 0.6)
         assert fraction(aligned) <= 0.6
         assert_aligned(graph, aligned, 8)
 
@@ -308,9 +308,9 @@ def test_bad_arguments_raise(kwargs):
         with pytest.raises(ValueError, match="multiple"):
             align.alignment_report(graph, {0}, kwargs["multiple"])
     with pytest.raises(ValueError, match="target"):
-        align.align_to_target(graph, {0}, np.zeros(graph.num_groups), 8, lambda r: 1.0, 1.5)
+        selection.align_to_target(graph, {0}, np.zeros(graph.num_groups), 8, lambda r: 1.0, 1.5)
     with pytest.raises(ValueError, match="callable"):
-        align.align_to_target(graph, {0}, np.zeros(graph.num_groups), 8, 0.5, 0.5)
+        selection.align_to_target(graph, {0}, np.zeros(graph.num_groups), 8, 0.5, 0.5)
 
 
 @pytest.mark.parametrize("name", ["plain", "residual"])
