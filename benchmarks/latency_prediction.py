@@ -60,6 +60,7 @@ flags.DEFINE_integer("size", 96, "Input size (square).")
 flags.DEFINE_integer("prunings", 20, "Random prunings per model and runtime.")
 flags.DEFINE_integer("rounds", 7, "Interleaved timing rounds (table and check).")
 flags.DEFINE_integer("seed", 0, "Seed.")
+flags.DEFINE_integer("threads", None, "tflite/onnxruntime threads (table and check); default: the runtime's.")
 flags.DEFINE_list("targets", ["0.7", "0.5", "0.3"], "One-shot knapsack latency targets (random scores, aligned to 8).")
 flags.DEFINE_list("fractions", ["0.125", "0.25", "0.375", "0.5", "0.625", "0.75", "0.875"], "Width fractions sampled by the table.")
 flags.DEFINE_bool("fresh", True, "Clear this run's table cache first (cold build time).")
@@ -113,16 +114,16 @@ def run_one(name, runtime):
         shutil.rmtree(cache)
     start = time.time()
     fr = [float(f) for f in FLAGS.fractions]
-    table = kt.LatencyTable.measure(model, runtime=runtime, rounds=FLAGS.rounds, fractions=fr, cache_dir=cache, verbose=1)
+    table = kt.LatencyTable.measure(model, runtime=runtime, rounds=FLAGS.rounds, fractions=fr, threads=FLAGS.threads, cache_dir=cache, verbose=1)
     build_s = time.time() - start
     start = time.time()
-    kt.LatencyTable.measure(model, runtime=runtime, rounds=FLAGS.rounds, fractions=fr, cache_dir=cache, verbose=0)
+    kt.LatencyTable.measure(model, runtime=runtime, rounds=FLAGS.rounds, fractions=fr, threads=FLAGS.threads, cache_dir=cache, verbose=0)
     cached_s = time.time() - start
     variants = prunings(model, FLAGS.prunings, FLAGS.seed)
     rng = np.random.default_rng(FLAGS.seed)
-    runners = {"dense": lt._runner(model, runtime, 1, rng)}
+    runners = {"dense": lt._runner(model, runtime, 1, rng, FLAGS.threads)}
     for i, v in enumerate(variants):
-        runners[f"p{i}"] = lt._runner(v["model"], runtime, 1, rng)
+        runners[f"p{i}"] = lt._runner(v["model"], runtime, 1, rng, FLAGS.threads)
     # One-shot knapsack to latency targets (random importance, widths multiples of 8).
     graph = kt.analyze(model)
     targeted = {}
@@ -134,7 +135,7 @@ def run_one(name, runtime):
         pruned = kt.apply_plan(model, plan)
         targeted[t] = {"model": pruned, "solve_s": solve_s, "predicted_fraction": table.predict(pruned) / table.full_ms,
                        "flops_fraction": kt.profile(pruned).flops / kt.profile(model).flops}
-        runners[f"t{t}"] = lt._runner(pruned, runtime, 1, rng)
+        runners[f"t{t}"] = lt._runner(pruned, runtime, 1, rng, FLAGS.threads)
     timed = kt_latency.time_callables(runners, rounds=FLAGS.rounds, seed=FLAGS.seed)
     rows = []
     for i, v in enumerate(variants):
@@ -153,7 +154,7 @@ def run_one(name, runtime):
         for t, v in targeted.items()
     ]
     return {
-        "model": name, "runtime": runtime, "size": FLAGS.size, "batch": 1, "fractions": fr, "rounds": FLAGS.rounds,
+        "model": name, "runtime": runtime, "size": FLAGS.size, "batch": 1, "fractions": fr, "rounds": FLAGS.rounds, "threads": FLAGS.threads,
         "table_build_s": build_s, "table_cached_s": cached_s, "segments": len(table.layers),
         "dense_predicted_ms": table.predict(model), "dense_measured_min_ms": timed["dense"]["min_ms"],
         "table_full_ms": table.full_ms, "fixed_ms": table.fixed_ms,

@@ -214,8 +214,9 @@ def _versions(runtime) -> str:
     return v
 
 
-def _runner(model: keras.Model, runtime: str, batch_size: int, rng):
-    """A no-argument callable that runs `model` once on a fixed random batch."""
+def _runner(model: keras.Model, runtime: str, batch_size: int, rng, threads: int | None = None):
+    """A no-argument callable that runs `model` once on a fixed random batch
+    (`threads`: the tflite/onnxruntime thread count; None: the runtime's default)."""
     import tensorflow as tf
 
     shape = (batch_size, *model.inputs[0].shape[1:])
@@ -230,7 +231,15 @@ def _runner(model: keras.Model, runtime: str, batch_size: int, rng):
 
         conv = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], model)
         conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-        interp, _ = _tflite_interpreter(conv.convert())
+        flatbuffer = conv.convert()
+        if threads is None:
+            interp, _ = _tflite_interpreter(flatbuffer)
+        else:
+            try:
+                from ai_edge_litert import interpreter as litert
+            except ImportError:
+                litert = tf.lite
+            interp = litert.Interpreter(model_content=flatbuffer, num_threads=int(threads))
         interp.allocate_tensors()
         i, o = interp.get_input_details()[0]["index"], interp.get_output_details()[0]["index"]
 
@@ -247,7 +256,10 @@ def _runner(model: keras.Model, runtime: str, batch_size: int, rng):
         ort = _import_onnxruntime()
         serve = tf.function(lambda t: {"output": model(t, training=False)}, input_signature=[tf.TensorSpec(shape, tf.float32, name="x")])
         proto = _tf2onnx_convert(tf2onnx, serve, ["x"], 17, None)
-        sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        opts = ort.SessionOptions()
+        if threads is not None:
+            opts.intra_op_num_threads = int(threads)
+        sess = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         return lambda: sess.run(None, {"x": x})
     raise ValueError(f"Expected runtime in {RUNTIMES}. Received: runtime={runtime!r}")
 
@@ -293,6 +305,7 @@ class LatencyTable:
         step: int = 8,
         rounds: int = 7,
         fractions=_FRACTIONS,
+        threads: int | None = None,
         cache_dir: str | None = None,
         verbose: int = 1,
         seed: int = 0,
@@ -309,6 +322,9 @@ class LatencyTable:
             fractions: fractions of the full width sampled (rounded up to a
                 multiple of `step`; `step`, `2·step` and full are always
                 sampled). Defaults to eighths 1/8 … 7/8; fewer build faster.
+            threads: thread count for `"tflite"`/`"onnxruntime"` (the
+                deployment's; on a loaded machine 1 is far steadier). Defaults
+                to the runtime's default. Ignored by `"tf"`.
             cache_dir: where the JSON cache lives. Defaults to
                 `$KERAS_TAYLOR_CACHE` or `~/.cache/keras_taylor/latency`.
             verbose: 1 shows a `keras.utils.Progbar`, 0 nothing.
@@ -334,21 +350,23 @@ class LatencyTable:
         plain = strip_gates(model) if is_gated(model) else model
         graph = graph_lib.analyze(plain, on_unknown="freeze")
         segments = [_Segment(n, chain, graph) for n, chain in _segments(graph)]
-        device, versions = _device(runtime), _versions(runtime)
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"Expected threads to be None or an integer >= 1. Received: threads={threads!r}")
+        device, versions = _device(runtime), _versions(runtime) + (f", threads {threads}" if threads else "")
         cache = _Cache(cache_dir, runtime, batch_size, device, versions)
         rng = np.random.default_rng(seed)
         bar = keras.utils.Progbar(len(segments) + 1, unit_name="layer") if verbose else None
         overhead = cache.get("overhead")
         if overhead is None:
             probe = keras.Sequential([keras.Input((1,), batch_size=batch_size), keras.layers.ReLU()])
-            overhead = _time({"o": _runner(probe, runtime, batch_size, rng)}, rounds, rng)["o"]
+            overhead = _time({"o": _runner(probe, runtime, batch_size, rng, threads)}, rounds, rng)["o"]
             cache.put("overhead", overhead)
         layers = {}
         for seg in segments:
             key = _hash(seg.signature(batch_size) + f"|step={step}|fr={fractions}|in={seg.in_prunable}|out={seg.out_prunable}")
             entry = cache.get(key)
             if entry is None:
-                entry = _measure_segment(seg, runtime, batch_size, step, rounds, rng, overhead, fractions)
+                entry = _measure_segment(seg, runtime, batch_size, step, rounds, rng, overhead, fractions, threads)
                 cache.put(key, entry)
             layers[seg.name] = entry
             if bar is not None:
@@ -356,7 +374,7 @@ class LatencyTable:
         full_key = _hash(json.dumps(plain.get_config(), sort_keys=True, default=str) + "|model")
         full_ms = cache.get(full_key)
         if full_ms is None:
-            full_ms = _time({"m": _runner(plain, runtime, batch_size, rng)}, rounds, rng)["m"] - overhead
+            full_ms = _time({"m": _runner(plain, runtime, batch_size, rng, threads)}, rounds, rng)["m"] - overhead
             cache.put(full_key, full_ms)
         if bar is not None:
             bar.add(1)
@@ -441,16 +459,16 @@ def _time(runners: dict, rounds: int, rng) -> dict:
     return {k: v["min_ms"] for k, v in latency_lib.time_callables(runners, rounds=rounds, seed=int(rng.integers(1 << 30))).items()}
 
 
-def _measure_segment(seg: _Segment, runtime, batch_size, step, rounds, rng, overhead, fractions=_FRACTIONS) -> dict:
+def _measure_segment(seg: _Segment, runtime, batch_size, step, rounds, rng, overhead, fractions=_FRACTIONS, threads=None) -> dict:
     mult = seg.groups
     outs = sample_widths(seg.cout_full, step, mult, fractions) if seg.out_prunable else [seg.cout_full]
     ins = sample_widths(seg.cin_full, step, mult, fractions) if seg.in_prunable else []
     runners = {}
     for w in outs:
-        runners[("o", w)] = _runner(seg.build(seg.cin_full, w, batch_size), runtime, batch_size, rng)
+        runners[("o", w)] = _runner(seg.build(seg.cin_full, w, batch_size), runtime, batch_size, rng, threads)
     for w in ins:
         if w != seg.cin_full:
-            runners[("i", w)] = _runner(seg.build(w, seg.cout_full, batch_size), runtime, batch_size, rng)
+            runners[("i", w)] = _runner(seg.build(w, seg.cout_full, batch_size), runtime, batch_size, rng, threads)
     keyed = {f"{k[0]}{k[1]}": r for k, r in runners.items()}
     t = {k: max(v - overhead, 0.0) for k, v in _time(keyed, rounds, rng).items()}
     full = t[f"o{seg.cout_full}"]

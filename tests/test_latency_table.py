@@ -82,7 +82,8 @@ def test_measure_other_runtimes_predict_pruned_models(tmp_path, runtime):
         pytest.importorskip("onnxruntime")
         pytest.importorskip("tf2onnx")
     model = tiny()
-    table = kt.LatencyTable.measure(model, runtime=runtime, rounds=3, cache_dir=str(tmp_path), verbose=0)
+    table = kt.LatencyTable.measure(model, runtime=runtime, rounds=3, threads=1, cache_dir=str(tmp_path), verbose=0)
+    assert "threads 1" in table.versions
     assert table.runtime == runtime and table.full_ms > 0
     graph = kt.analyze(model)
     scores = np.random.default_rng(0).uniform(size=graph.num_groups)
