@@ -66,6 +66,8 @@ flags.DEFINE_integer("finetune_epochs", 10, "Epochs after the pruning epochs (on
 flags.DEFINE_integer("prune_every", 5, "Minibatches between pruning steps.")
 flags.DEFINE_integer("batch_size", 32, "Batch size on the target task.")
 flags.DEFINE_float("lr", 0.01, "SGD learning rate (momentum 0.9) on the target task.")
+flags.DEFINE_enum("part", "prune", ["prune", "oracle", "both"], "prune: the accuracy cells; oracle: criteria vs both oracles on the transferred network.")
+flags.DEFINE_integer("oracle_batches", 10, "Oracle part: target training minibatches scored (criteria and the NVlabs oracle).")
 flags.DEFINE_bool("smoke", False, "Tiny sizes: checks the pipeline in seconds.")
 flags.DEFINE_bool("report_only", False, "Only summarise and plot the results JSON.")
 
@@ -84,7 +86,7 @@ def config() -> dict:
 def apply_smoke() -> None:
     if FLAGS.smoke:
         for k, v in dict(widths=["4", "8"], blocks=1, source_epochs=1, source_images=600, per_class=12, test_images=100,
-                         transfer_epochs=1, prune_epochs=1, finetune_epochs=1, prune_every=2, batch_size=16,
+                         transfer_epochs=1, prune_epochs=1, finetune_epochs=1, prune_every=2, batch_size=16, oracle_batches=2,
                          seeds=["0", "1"], targets=["0.5"], criteria=["taylor_fo_bn", "random"]).items():
             if not FLAGS[k].present:
                 FLAGS[k].value = v
@@ -201,6 +203,49 @@ def run_cell(dense, train, test, criterion: str, target: float, seed: int) -> di
     }
 
 
+# ---- oracle part ------------------------------------------------------------------------------------
+def oracle_part(dense, train, test, seed) -> dict:
+    """Criteria vs both oracles on the transferred (dense) network: every
+    criterion scores the same `oracle_batches` target minibatches at learning
+    rate 0 (as `criteria_study.py` does); the NVlabs oracle reruns exactly those
+    minibatches in training mode; the held-out oracle pools the target test set."""
+    from keras_taylor import oracle
+    from keras_taylor.callbacks import ranking_context
+
+    copy = keras.models.clone_model(dense)
+    copy.set_weights(dense.get_weights())
+    gated = compile_model(kt.add_gates(copy), 0.0)
+    graph = kt.analyze(gated)
+    labels = oracle.group_labels(graph)
+    n = min(len(train[0]), FLAGS.oracle_batches * FLAGS.batch_size)
+    pick = np.random.default_rng(seed + 7).permutation(len(train[0]))[:n]
+    x, y = train[0][pick], train[1][pick]
+    saved = gated.get_weights()
+    scores = {}
+    for name in FLAGS.criteria:
+        scorer = kt.TaylorScorer(gated, graph, criteria_lib.Random(seed=seed) if name == "random" else name)
+        scorer.install()
+        scorer.reset()
+        try:
+            gated.fit(x, y, batch_size=FLAGS.batch_size, epochs=1, shuffle=False, verbose=0)
+        finally:
+            scorer.uninstall()
+        mean, _ = scorer.read()
+        scores[name] = np.asarray(scorer.criterion.rank(mean, ranking_context(graph, scorer)), dtype="float64")
+        gated.set_weights(saved)  # BN moving statistics moved in training mode
+    t0 = time.time()
+    nvlabs = oracle.oracle_deltas(gated, (x, y), batch_size=FLAGS.batch_size, graph=graph, definition="nvlabs", progress=False)
+    t1 = time.time()
+    held = oracle.oracle_deltas(gated, test, batch_size=500, graph=graph, progress=False)
+    t2 = time.time()
+    out = {"groups": graph.num_groups, "minibatches": int(np.ceil(n / FLAGS.batch_size)), "test_images": len(test[0]),
+           "seconds": {"nvlabs": t1 - t0, "heldout": t2 - t1}, "config": config()}
+    for definition, deltas in (("nvlabs", nvlabs), ("heldout", held)):
+        corr = oracle.rank_correlations(scores, deltas, labels)
+        out[definition] = {k: {s: v[s] for s in ("spearman", "kendall", "pearson", "n", "layer_mean")} for k, v in corr.items()}
+    return out
+
+
 # ---- summary ------------------------------------------------------------------------------------------
 def t_interval(diffs, level=0.95):
     """Mean and Student-t confidence interval of paired differences (NaN for n < 2)."""
@@ -291,6 +336,16 @@ def main(argv):
             source, train, test = load_data(seed)
             dense = transferred_model(source, train, test, seed)
             results["dense"][f"{seed}|{tag}"] = top1(dense, test)
+            okey = f"{seed}|{FLAGS.oracle_batches}|{','.join(FLAGS.criteria)}|{tag}"
+            if FLAGS.part in ("oracle", "both") and okey not in results.setdefault("oracle", {}):
+                results["oracle"][okey] = oracle_part(dense, train, test, seed)
+                save_results(FLAGS.results, results)
+                for d in ("nvlabs", "heldout"):
+                    for name, c in results["oracle"][okey][d].items():
+                        print(f"oracle {d:8s} seed {seed} {name:14s} spearman {c['spearman']:+.3f} "
+                              f"kendall {c['kendall']:+.3f} layer-mean spearman {c['layer_mean']['spearman']:+.3f}", flush=True)
+            if FLAGS.part == "oracle":
+                continue
             for target in targets:
                 for name in FLAGS.criteria:
                     key = f"{name}|{target}|{seed}|{tag}"

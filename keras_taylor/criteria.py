@@ -116,6 +116,12 @@ def normalize_scores(scores, labels, normalization: str, live=None) -> np.ndarra
     return (l2_layer if normalization == "l2_layer" else mean_group)(scores, labels, live)
 
 
+def _live(context):
+    """The context's live-group mask, or None for a context without one."""
+    live = getattr(context, "live", None)
+    return live() if callable(live) else None
+
+
 class Criterion:
     """Base class for importance criteria.
 
@@ -153,7 +159,7 @@ class Criterion:
         method = self.normalization(context)
         if method == "none":
             return scores
-        return normalize_scores(scores, context.layer_labels, method, context.live())
+        return normalize_scores(scores, context.layer_labels, method, _live(context))
 
     def get_config(self) -> dict:
         return {}
@@ -325,7 +331,7 @@ class _LayerNormalized(Criterion):
         return "l2_layer" if self.normalize else "none"
 
     def rank(self, scores, context):
-        out = normalize_scores(scores, context.layer_labels, self.normalization(context), context.live())
+        out = normalize_scores(scores, context.layer_labels, self.normalization(context), _live(context))
         if self.flops_regularization > 0:
             out = out - self.flops_regularization * context.group_flops()
         return out

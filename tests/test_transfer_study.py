@@ -38,3 +38,17 @@ def test_transfer_study_smoke_and_resume(tmp_path):
     before = {k: v["wall_seconds"] for k, v in cells.items()}
     again, _ = run(tmp_path, "--seeds=0,1", "--targets=0.5", "--criteria=taylor_fo_bn,random")
     assert {k: v["wall_seconds"] for k, v in again["cells"].items()} == before  # nothing re-run
+
+
+@pytest.mark.slow
+def test_transfer_study_oracle_part_smoke(tmp_path):
+    results, out = run(tmp_path, "--part=oracle", "--seeds=0", "--criteria=taylor_fo_bn,random")
+    assert results["cells"] == {}  # the oracle part trains no pruning cell
+    (entry,) = results["oracle"].values()
+    for definition in ("nvlabs", "heldout"):
+        for name in ("taylor_fo_bn", "random"):
+            c = entry[definition][name]
+            assert -1.0 <= c["spearman"] <= 1.0 and c["n"] == entry["groups"]
+            assert set(c["layer_mean"]) == {"spearman", "kendall", "pearson"}
+    assert entry["minibatches"] == 2
+    assert "oracle nvlabs" in out
