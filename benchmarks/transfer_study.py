@@ -339,6 +339,10 @@ def main(argv):
             okey = f"{seed}|{FLAGS.oracle_batches}|{','.join(FLAGS.criteria)}|{tag}"
             if FLAGS.part in ("oracle", "both") and okey not in results.setdefault("oracle", {}):
                 results["oracle"][okey] = oracle_part(dense, train, test, seed)
+                results["oracle"][okey].update(
+                    date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), load_average=list(os.getloadavg()),
+                    command="python " + " ".join(sys.argv),
+                    machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}")
                 save_results(FLAGS.results, results)
                 for d in ("nvlabs", "heldout"):
                     for name, c in results["oracle"][okey][d].items():
