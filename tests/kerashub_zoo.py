@@ -249,9 +249,13 @@ def taylor_steps(model, size=SIZE, steps=3, seed=0) -> dict:
     gated = kt.add_gates(model, on_unknown="freeze")
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(2 * steps, *size)).astype("float32")
-    y = keras.tree.map_structure(lambda t: np.zeros(t.shape, "float32"), gated.predict(x[:2], verbose=0))
-    y = keras.tree.map_structure(lambda t: np.repeat(t[:1], len(x), axis=0), y)
-    gated.compile(optimizer="sgd", loss="mse")
+    out = gated.predict(x[:2], verbose=0)
+    if not isinstance(out, (dict, list, tuple)) and out.ndim == 2:  # a classifier's logits
+        y = rng.integers(0, out.shape[-1], len(x))
+        gated.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=[])
+    else:
+        y = keras.tree.map_structure(lambda t: np.zeros((len(x), *t.shape[1:]), "float32"), out)
+        gated.compile(optimizer="sgd", loss="mse", metrics=[])
     cb = kt.TaylorPruning(target=0.99, prune_every=1, channels_per_step=1)
     gated.fit(x, y, batch_size=2, epochs=1, callbacks=[cb], verbose=0)
     return {"taylor_input_shapes": [list(s) for s in cb.input_shapes], "taylor_steps": len(cb.history),
