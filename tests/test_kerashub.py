@@ -29,7 +29,8 @@ NOT_PRUNABLE = {
 # Models that do not prune exactly yet, and why.
 KNOWN_BROKEN = {
     "deeplab_v3": "prunes, but does not reload: KerasHub's SpatialPyramidPooling.build fails on a list input_shape "
-    "(input_shape[:-1] + (c,)), which load_model passes; any Functional model holding it fails so, pruned or not",
+    "(input_shape[:-1] + (c,)), which load_model passes; any Functional model holding it fails so, pruned or not; also not exact yet (max rel. error 6.3e-3: the gated model "
+    "with all gates at 1 already differs from the source model, not diagnosed)",
     "segformer": "prunes (see 'mit' for its encoder), but does not reload: KerasHub's HierarchicalTransformerEncoder "
     "config lists mlp/drop_prop its __init__ refuses; any Functional model holding it fails so, pruned or not",
 }
