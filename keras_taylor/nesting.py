@@ -81,6 +81,42 @@ def rebuild_layer(layer, config: dict | None = None):
             raise first from None
 
 
+def _check_rebuilt_weights(layer, new) -> None:
+    """Raises ValueError when `new` (rebuilt from the config of built
+    `layer`) makes other weights than `layer` holds: its config does not
+    describe it (KerasHub's `HierarchicalTransformerEncoder.get_config`
+    omits `sr_ratio`, so a copy lacks the attention's reduction conv).
+
+    `new` is built here from `layer`'s build config, or, when that makes
+    fewer weights (sublayers built in `call`), by a symbolic call on one
+    input of the recorded shape. A copy that neither builds is not judged.
+    """
+    if not layer.built or not layer.weights or new.built:
+        return
+    want = [tuple(v.shape) for v in layer.weights]
+    build_config = layer.get_build_config() or {}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Keras: a default `build()` with sublayers
+            new.build_from_config(build_config)
+            shape = build_config.get("input_shape")
+            if len(new.weights) < len(want) and isinstance(shape, (tuple, list)) and all(d is None or isinstance(d, int) for d in shape):
+                new(keras.KerasTensor(tuple(shape), dtype=layer.compute_dtype))
+    except Exception:  # noqa: BLE001 - not judged; the caller rebuilds it afresh
+        raise _Unjudged() from None
+    got = [tuple(v.shape) for v in new.weights]
+    if got and got != want:
+        raise ValueError(
+            f"its copy makes {len(got)} weights where it has {len(want)}"
+            + ("" if len(got) != len(want) else " (other shapes)")
+            + ": its config does not describe it"
+        )
+
+
+class _Unjudged(Exception):
+    """The copy could not be built ahead of its call (see `_check_rebuilt_weights`)."""
+
+
 def copy_layer(layer, config: dict | None = None):
     """`(new_layer, copied)`: a copy of `layer` built from its config, or
     `layer` itself (with a warning) when no config rebuilds it.
@@ -91,7 +127,12 @@ def copy_layer(layer, config: dict | None = None):
     model) instead of failing the whole model.
     """
     try:
-        return rebuild_layer(layer, config), True
+        new = rebuild_layer(layer, config)
+        try:
+            _check_rebuilt_weights(layer, new)
+        except _Unjudged:
+            new = rebuild_layer(layer, config)  # unbuilt: built when called
+        return new, True
     except Exception as e:  # noqa: BLE001 - reported, the layer is reused
         if isinstance(layer, keras.layers.Identity) and not layer.weights:
             # An Identity whose config is broken (made with unserialisable
@@ -209,6 +250,10 @@ class _Inliner:
                 config = op.get_config()
                 config["name"] = name
                 new = rebuild_layer(op, config)
+                try:
+                    _check_rebuilt_weights(op, new)
+                except _Unjudged:
+                    new = rebuild_layer(op, config)  # unbuilt: built when called
             except Exception as e:
                 if name != op.name:
                     raise ValueError(

@@ -23,13 +23,16 @@ NOT_PRUNABLE = {
     "vit": "its MLP layer's config does not rebuild it (KerasHub: non-serialisable __init__ arguments), so it is "
     "not traced; attention heads are another issue",
     "deit": "DeiTEncoder cannot be traced (a copy from its config does not take its weights); attention heads are another issue",
+    "mit": "KerasHub's HierarchicalTransformerEncoder.get_config omits sr_ratio (a copy makes 18 weights, not 22), so "
+    "each is reused as is, not traced; the patch embeddings feed Reshapes into them",
 }
 # Models that do not prune exactly yet, and why.
 KNOWN_BROKEN = {
-    "deeplab_v3": "SpatialPyramidPooling builds a Resizing from ops.shape(x) inside call, so it stays a fixed unit; "
-    "the pruned model then does not reload (the layer's config holds a model)",
-    "mit": "a HierarchicalTransformerEncoder rebuilt from its config makes other weights (18) than the original (22)",
-    "segformer": "built on MiT: see 'mit'",
+    "deeplab_v3": "prunes, but does not reload: KerasHub's SpatialPyramidPooling.build fails on a list input_shape "
+    "(input_shape[:-1] + (c,)), which load_model passes; any Functional model holding it fails so, pruned or not; also not exact yet (max rel. error 6.3e-3: the gated model "
+    "with all gates at 1 already differs from the source model, not diagnosed)",
+    "segformer": "prunes (see 'mit' for its encoder), but does not reload: KerasHub's HierarchicalTransformerEncoder "
+    "config lists mlp/drop_prop its __init__ refuses; any Functional model holding it fails so, pruned or not",
 }
 # Transformers: only their MLP parts prune; attention (EinsumDense) is another issue.
 PARTIAL = {"dinov2"}
@@ -66,6 +69,9 @@ def test_kerashub_fast_subset_prunes_exactly(name, tmp_path):
 @pytest.mark.parametrize("name", [n for n in zoo.MODELS if n not in FAST])
 def test_kerashub_sweep(name, tmp_path):
     if name in KNOWN_BROKEN:
+        # Gating and pruning run; only the reload of the pruned model fails (KerasHub layer configs).
+        with pytest.raises(TypeError, match="could not be deserialized"):
+            zoo.sweep_one(name, tmpdir=str(tmp_path), taylor=False)
         pytest.xfail(KNOWN_BROKEN[name])
     _check(name, tmp_path)
 

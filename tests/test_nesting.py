@@ -422,3 +422,47 @@ def test_nested_models_prune_through_the_public_api(entry):
     assert pruned.count_params() < model.count_params()
     assert rel_err(pruned(x), model(x)) > 1e-4
     assert_unchanged(model, before)
+
+
+class _LossyConfig(keras.layers.Layer):
+    """Its `get_config` omits `extra`, which adds a sublayer (as KerasHub's
+    `HierarchicalTransformerEncoder` omits `sr_ratio`)."""
+
+    def __init__(self, extra=False, **kwargs):
+        super().__init__(**kwargs)
+        self.first = layers.Dense(4)
+        self.second = layers.Dense(4) if extra else None
+
+    def call(self, x):
+        y = self.first(x)
+        return self.second(y) if self.second is not None else y
+
+    def get_config(self):
+        return {"name": self.name, "trainable": self.trainable, "dtype": self.dtype_policy.name}
+
+
+def test_copy_layer_reuses_a_layer_whose_config_makes_other_weights():
+    layer = _LossyConfig(extra=True, name="lossy")
+    layer(np.zeros((1, 3), "float32"))
+    assert len(layer.weights) == 4
+    with pytest.warns(UserWarning, match=r"'lossy' of class _LossyConfig .*makes 2 weights where it has 4"):
+        new, copied = nesting.copy_layer(layer)
+    assert new is layer and not copied
+    # A layer whose config does describe it is still copied (and built with its weights' shapes).
+    plain = _LossyConfig(name="plain")
+    plain(np.zeros((1, 3), "float32"))
+    new, copied = nesting.copy_layer(plain)
+    assert copied and new is not plain
+    assert [tuple(v.shape) for v in new.weights] == [tuple(v.shape) for v in plain.weights]
+
+
+def test_inlining_a_submodel_holding_a_lossy_config_layer_does_not_crash():
+    inner_in = keras.Input((3,))
+    inner = keras.Model(inner_in, _LossyConfig(extra=True, name="lossy")(inner_in), name="inner")
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, layers.Dense(2)(inner(layers.Dense(3)(inputs))))
+    with pytest.warns(UserWarning, match="'lossy'.*reused as is"):
+        flat = nesting.inline_nested_models(model)
+    assert flat.get_layer("lossy") is inner.get_layer("lossy")
+    x = np.random.default_rng(0).normal(size=(4, 3)).astype("float32")
+    np.testing.assert_allclose(flat(x), model(x), rtol=1e-6, atol=1e-6)
