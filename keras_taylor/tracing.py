@@ -139,8 +139,17 @@ class _Tracer:
         on random inputs (unknown sizes set to 8): catches calls whose graph
         depends on run-time values (a layer made in `call` from
         `ops.shape(x)`)."""
-        for size in (8, 11):
-            self._verify_at(op, new, args, kwargs, size)
+        # The check runs both layers (the user's one included), possibly in
+        # training mode: their state (BN moving statistics, seed generators)
+        # is put back afterwards, so neither the user's model nor the copy
+        # carries a trace of it.
+        saved = [(v, keras.ops.convert_to_numpy(v.value)) for layer in (op, new) for v in layer.non_trainable_variables]
+        try:
+            for size in (8, 11):
+                self._verify_at(op, new, args, kwargs, size)
+        finally:
+            for v, value in saved:
+                v.assign(value)
 
     def _verify_at(self, op, new, args, kwargs, size) -> None:
         fresh, real = {}, {}

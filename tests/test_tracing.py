@@ -282,3 +282,34 @@ def test_mean_over_positions_squeeze_excite_prunes_exactly():
 
     graph, pruned = _prune_first_groups(_op_model(se), k=2)
     assert (graph.groups_of_layer_output("b1") >= 0).all()
+
+
+class TrainModeBN(layers.Layer):
+    """Runs its BN in training mode whatever it is told (as DeepLabV3's
+    SpatialPyramidPooling did in effect): calling it moves the moving stats."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.conv = layers.Conv2D(6, 1, name=f"{self.name}_conv")
+        self.bn = layers.BatchNormalization(name=f"{self.name}_bn")
+
+    def call(self, x):
+        return ops.relu(self.bn(self.conv(x), training=True))
+
+
+def test_checking_a_traced_call_leaves_no_state_behind():
+    # The tracer checks each traced call by running the layer and its copy on
+    # random inputs; a layer that runs BN in training mode would move both
+    # moving statistics (the user's and the gated copy's) without the restore.
+    inputs = keras.Input((8, 8, 3))
+    x = TrainModeBN(name="block")(inputs)
+    model = keras.Model(inputs, layers.Conv2D(4, 1, name="head")(x))
+    bn = model.get_layer("block").bn
+    before = [keras.ops.convert_to_numpy(v) for v in bn.non_trainable_variables]
+    flat = tracing.inline_composite_layers(model)
+    after = [keras.ops.convert_to_numpy(v) for v in bn.non_trainable_variables]
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(a, b)
+    copy = flat.get_layer("block_bn")
+    for a, b in zip(before, copy.non_trainable_variables):
+        np.testing.assert_array_equal(a, keras.ops.convert_to_numpy(b))
