@@ -285,9 +285,9 @@ def summarize(cells: dict, dense: dict) -> dict:
 
 
 def plot(summary: dict, path: str) -> None:
-    from keras_taylor.monitor import _figure
+    from keras_taylor.plotting import new_figure
 
-    fig = _figure(figsize=(7, 4.5), layout="constrained")
+    fig = new_figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.add_subplot(1, 1, 1)
     crits = sorted({k.split("|")[0] for k in summary if "|" in k})
     for i, crit in enumerate(crits):

@@ -314,13 +314,6 @@ def add_gates(model: keras.Model, on_unknown: str = "error") -> keras.Model:
     if graph.num_groups == 0:
         raise _nothing_prunable(model, graph)
     sites = set(graph.gate_sites)
-    if not sites:  # never silently: say why nothing can be pruned
-        reasons = list(dict.fromkeys(graph.fixed_reason.values()))
-        warnings.warn(
-            f"Model {model.name!r} has no prunable channel group, so the gated "
-            f"model holds no gate. Why channels are kept, for example: {reasons[:4]}.",
-            stacklevel=2,
-        )
     pairs = []
 
     def clone(layer):

@@ -432,7 +432,7 @@ CASES = [
             ("target", -0.5, r"Expected target in \(0, 1\]"),
             ("target", math.nan, r"Expected target in \(0, 1\]"),
             ("target", "0.5", r"Expected target in \(0, 1\]"),
-            ("metric", "latency", r"Expected metric in \('flops', 'params', 'channels'\)"),
+            ("metric", "energy", r"Expected metric in \('flops', 'params', 'channels', 'latency'\)"),
             ("prune_every", 0, r"Expected prune_every to be an integer >= 1"),
             ("prune_every", -3, r"Expected prune_every to be an integer >= 1"),
             ("prune_every", 2.5, r"Expected prune_every to be an integer >= 1"),

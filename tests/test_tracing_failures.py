@@ -23,12 +23,17 @@ def test_add_gates_names_the_untraceable_layer_and_leaves_the_model_alone(block,
 
 
 def test_freeze_keeps_the_untraceable_layer_as_a_unit_and_prunes_the_rest():
-    model = _model(ValueBranch(name="blk"), filters=4)
+    def block_then_conv(x):  # something prunable after the fixed unit
+        x = ValueBranch(name="blk")(x)
+        return keras.layers.ReLU(name="mid_relu")(keras.layers.Conv2D(6, 3, padding="same", name="mid")(x))
+
+    model = _model(block_then_conv, filters=4)
     with pytest.warns(UserWarning, match="Cannot trace layer 'blk'"):
         gated = kt.add_gates(model, on_unknown="freeze")
     graph = kt.analyze(gated, on_unknown="freeze")
     assert "blk" in graph.unknown_layers
     assert graph.first_node("blk").handler is None
+    assert graph.num_groups > 0 and "mid" in graph.gate_sites  # the rest prunes
     np.testing.assert_allclose(gated(_x()), model(_x()), rtol=1e-5, atol=1e-6)
 
 
@@ -57,6 +62,5 @@ def test_a_model_left_with_no_gate_is_said_so():
     x = keras.layers.Conv2D(4, 3, name="c")(inputs)
     x = keras.layers.LayerNormalization(name="ln")(x)
     model = keras.Model(inputs, keras.layers.Conv2D(2, 1, name="head")(x))
-    with pytest.warns(UserWarning, match=r"no prunable channel group.*'ln' \(LayerNormalization\) mixes channels"):
-        gated = kt.add_gates(model)
-    assert not kt.gates.gate_layers(gated)
+    with pytest.raises(ValueError, match=r"nothing can be pruned.*'ln' \(LayerNormalization\) mixes channels"):
+        kt.add_gates(model)
