@@ -26,11 +26,10 @@ NOT_PRUNABLE = {
     "mit": "KerasHub's HierarchicalTransformerEncoder.get_config omits sr_ratio (a copy makes 18 weights, not 22), so "
     "each is reused as is, not traced; the patch embeddings feed Reshapes into them",
 }
-# Models that do not prune exactly yet, and why.
+# Models that prune exactly but whose pruned model does not reload, and why.
 KNOWN_BROKEN = {
     "deeplab_v3": "prunes, but does not reload: KerasHub's SpatialPyramidPooling.build fails on a list input_shape "
-    "(input_shape[:-1] + (c,)), which load_model passes; any Functional model holding it fails so, pruned or not; also not exact yet (max rel. error 6.3e-3: the gated model "
-    "with all gates at 1 already differs from the source model, not diagnosed)",
+    "(input_shape[:-1] + (c,)), which load_model passes; any Functional model holding it fails so, pruned or not",
     "segformer": "prunes (see 'mit' for its encoder), but does not reload: KerasHub's HierarchicalTransformerEncoder "
     "config lists mlp/drop_prop its __init__ refuses; any Functional model holding it fails so, pruned or not",
 }
