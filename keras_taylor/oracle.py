@@ -200,11 +200,12 @@ def _group_slots(gate_layers, graph) -> list:
     return slots
 
 
-def _evaluate(gated, gate_layers, graph, batches, progress: bool) -> np.ndarray:
-    """ΔL of every group; gates are set with `assign`, the caller restores them."""
-    loss_fn = _loss_function(gated)
+def _group_deltas(gate_layers, graph, measure, change, progress: bool) -> np.ndarray:
+    """`change(measure() with group g's gates at 0, measure())` for every group
+    (NaN for a group already removed); gates are set with `assign` and put
+    back after each group."""
     original = [keras.ops.convert_to_numpy(l.gate.value) for l in gate_layers]
-    base = _mean_loss(loss_fn, batches)
+    base = measure()
     deltas = np.full(graph.num_groups, np.nan)
     # A live bar on a terminal; one line at the end in a log file.
     verbose = 1 if sys.stdout.isatty() else 2
@@ -215,12 +216,19 @@ def _evaluate(gated, gate_layers, graph, batches, progress: bool) -> np.ndarray:
                 value = original[i].copy()
                 value[ch] = 0.0
                 gate_layers[i].gate.assign(value)
-            deltas[g] = _mean_loss(loss_fn, batches) - base
+            deltas[g] = change(measure(), base)
             for i, _ in slots:
                 gate_layers[i].gate.assign(original[i])
         if bar is not None:
             bar.update(g + 1)
     return deltas
+
+
+def _evaluate(gated, gate_layers, graph, batches, progress: bool) -> np.ndarray:
+    """ΔL of every group on the pooled batches, in inference mode; the caller
+    restores the gates."""
+    loss_fn = _loss_function(gated)
+    return _group_deltas(gate_layers, graph, lambda: _mean_loss(loss_fn, batches), lambda new, base: new - base, progress)
 
 
 def _evaluate_nvlabs(gated, gate_layers, graph, batches, progress: bool) -> np.ndarray:
@@ -228,24 +236,11 @@ def _evaluate_nvlabs(gated, gate_layers, graph, batches, progress: bool) -> np.n
     (NVlabs/Taylor_pruning `run_full_oracle`, method 40); the caller restores
     gates and non-trainable variables."""
     loss_fn = _loss_function(gated, training=True)
-    original = [keras.ops.convert_to_numpy(l.gate.value) for l in gate_layers]
-    base = np.array([float(loss_fn(x, y, sw)) for x, y, sw in batches])
-    deltas = np.full(graph.num_groups, np.nan)
-    verbose = 1 if sys.stdout.isatty() else 2
-    bar = keras.utils.Progbar(graph.num_groups, unit_name="group", verbose=verbose) if progress else None
-    for g, slots in enumerate(_group_slots(gate_layers, graph)):
-        if slots and any(np.any(original[i][ch] != 0) for i, ch in slots):
-            for i, ch in slots:
-                value = original[i].copy()
-                value[ch] = 0.0
-                gate_layers[i].gate.assign(value)
-            removed = np.array([float(loss_fn(x, y, sw)) for x, y, sw in batches])
-            deltas[g] = float(np.mean(np.abs(removed - base)))
-            for i, _ in slots:
-                gate_layers[i].gate.assign(original[i])
-        if bar is not None:
-            bar.update(g + 1)
-    return deltas
+
+    def per_batch():
+        return np.array([float(loss_fn(x, y, sw)) for x, y, sw in batches])
+
+    return _group_deltas(gate_layers, graph, per_batch, lambda new, base: float(np.mean(np.abs(new - base))), progress)
 
 
 def _restore_metrics(gated, saved: dict) -> None:
