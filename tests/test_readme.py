@@ -56,12 +56,11 @@ DOCSTRINGS = {
     "oracle_deltas": lambda: blocks(oracle.oracle_deltas.__doc__),
     "fit_prune": lambda: blocks(keras_taylor.fit_prune.__doc__),
     "PerFlop": lambda: blocks(keras_taylor.attention.PerFlop.__doc__),
+    "export_saved_model": lambda: blocks(keras_taylor.export.export_saved_model.__doc__),
+    "export_tflite": lambda: blocks(keras_taylor.export.export_tflite.__doc__),
+    "export_onnx": lambda: blocks(keras_taylor.export.export_onnx.__doc__),
 }
 SKIPPED = {
-    # The exporters' examples write to /models/... and import ai_edge_litert,
-    # which the test environment does not install; tests/test_export*.py run
-    # the same calls.
-    "export_saved_model", "export_tflite", "export_onnx",
     # Measures a TFLite latency table of the reader's model (tens of seconds
     # on 2 cores); tests/test_latency_table.py and tests/test_selection.py run
     # the same calls on tiny models.
@@ -111,7 +110,7 @@ def reader_namespace() -> dict:
     gated.fit(train_ds.take(10), epochs=1, verbose=0, callbacks=[pruner])
     return {
         "keras": keras, "keras_taylor": keras_taylor, "kt": keras_taylor, "np": np, "tf": tf,
-        "model": model, "gated": gated, "pruner": pruner,
+        "model": model, "gated": gated, "pruner": pruner, "small": keras_taylor.prune(gated),
         "x": x[:8], "y": y[:8], "x_train": x, "y_train": y, "x_val": x[:64], "y_val": y[:64],
         "train_ds": train_ds, "ds": train_ds, "data": train_ds,
     }
@@ -134,7 +133,8 @@ def test_every_docstring_example_is_run_or_skipped_with_a_reason():
             if (inspect.isfunction(obj) or inspect.isclass(obj)) and getattr(obj, "__module__", "") == module_name:
                 if obj.__doc__ and "```python" in obj.__doc__:
                     found.add(name)
-    covered = {"TaylorPruning", "ChannelGate", "register_handler", "align_removed", "oracle_deltas", "fit_prune", "PerFlop"}
+    covered = {"TaylorPruning", "ChannelGate", "register_handler", "align_removed", "oracle_deltas", "fit_prune", "PerFlop",
+               "export_saved_model", "export_tflite", "export_onnx"}
     assert found - covered - SKIPPED == set(), "add these docstring examples to DOCSTRINGS"
 
 

@@ -82,12 +82,12 @@ def export_saved_model(
     ```python
     small = keras_taylor.prune(gated)
     info = keras_taylor.export.export_saved_model(
-        small, "/models/resnet/1", check_inputs=x_val[:8]
+        small, "models/resnet/1", check_inputs=x_val[:8]
     )
     # info["signature_inputs"] == {"input_layer": {"shape": (None, 224, 224, 3),
     #                                              "dtype": "float32"}}
 
-    served = tf.saved_model.load("/models/resnet/1")
+    served = tf.saved_model.load("models/resnet/1")
     probs = served.signatures["serving_default"](input_layer=x)["output"]
     ```
     """

@@ -148,7 +148,7 @@ def export_tflite(
     )
     print(info["size_bytes"], info["top1_agreement"])
 
-    from ai_edge_litert.interpreter import Interpreter  # or tf.lite.Interpreter
+    Interpreter = tf.lite.Interpreter  # or: from ai_edge_litert.interpreter import Interpreter
     run = Interpreter("small_int8.tflite").get_signature_runner()
     probs = run(input_layer=x)["output"]
     ```
