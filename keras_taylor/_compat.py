@@ -207,6 +207,25 @@ def inbound_node_count(layer) -> int:
     return len(layer._inbound_nodes)
 
 
+def node_counts(model) -> dict:
+    """`{id(layer): (layer, inbound, outbound)}` node counts of every layer
+    of `model`, sublayers included (see `drop_nodes_since`)."""
+    return {
+        id(layer): (layer, len(layer._inbound_nodes), len(layer._outbound_nodes))
+        for layer in model._flatten_layers(include_self=True, recursive=True)
+    }
+
+
+def drop_nodes_since(counts: dict, keep=frozenset()) -> None:
+    """Removes the nodes added to the layers of `counts` (`node_counts`)
+    since it was taken, except on layers whose id is in `keep`. Keras only
+    appends nodes, so the layers' own graphs are what they were."""
+    for key, (layer, n_in, n_out) in counts.items():
+        if key not in keep:
+            del layer._inbound_nodes[n_in:]
+            del layer._outbound_nodes[n_out:]
+
+
 def patch_tf2onnx() -> None:
     """Keras's numpy-2 compatibility patch for tf2onnx (no-op where absent)."""
     try:

@@ -82,6 +82,7 @@ class _Tracer:
         self.warn = warn
         self.verified = set()
         self.on_originals = False  # traced on the user's layer (config cannot rebuild it)
+        self.names = {"used": set(), "renamed": []}  # names given; (user's layer, its name)
 
     def copy(self, op):
         key = id(op)
@@ -111,26 +112,35 @@ class _Tracer:
                 )
 
     def _traceable_copy(self, op, args, kwargs):
-        """A built copy of composite `op` holding its weights; `op` itself
-        when its config cannot rebuild it (its sublayers are then copied by a
-        later pass); `None` when it cannot be built either."""
+        """A built copy of composite `op` holding its weights, or `op` itself
+        when its config cannot rebuild it (KerasHub's ViT `MLP`, DeiT's
+        encoder, MiT's `HierarchicalTransformerEncoder`, whose configs omit or
+        mangle arguments). Tracing only records the layer's `call` on
+        symbolic tensors, so the composite's own config does not matter: the
+        user's layer is traced as is, and its sublayers (stock layers that
+        their configs do rebuild) are copied by a later pass
+        (`inline_composite_layers`), which also drops the nodes this added to
+        them."""
         key = id(op)
         if key in self.copies:
             return self.copies[key]
         try:
             new = nesting.rebuild_layer(op)
-        except Exception as e:  # noqa: BLE001 - reported, the layer stays a unit
-            self._fail(op, f"its config does not rebuild it: {type(e).__name__}: {str(e).strip()[:160]}")
-            return None
-        try:
             new(*args, **kwargs)  # builds the copy's sublayers (throwaway node)
             new.set_weights(op.get_weights())
-            for sub in _sublayers(new):  # unique names in the flat model
-                if not sub.name.startswith(op.name):
-                    sub.name = f"{op.name}_{sub.name}"
-        except Exception as e:  # noqa: BLE001
-            self._fail(op, f"its copy does not build or take its weights: {type(e).__name__}: {str(e)[:160]}")
-            return None
+        except Exception:  # noqa: BLE001 - its config does not describe it: trace the layer itself
+            new = op
+            self.on_originals = True
+        for sub in _sublayers(new):  # unique names in the flat model
+            name = sub.name if sub.name.startswith(op.name) else f"{op.name}_{sub.name}"
+            unique, k = name, 0
+            while unique in self.names["used"]:
+                k += 1
+                unique = f"{name}_{k}"
+            self.names["used"].add(unique)
+            if new is op:  # the user's sublayer: its name is put back at the end
+                self.names["renamed"].append((sub, sub.name))
+            sub.name = unique
         self.copies[key] = new
         return new
 
@@ -207,7 +217,7 @@ def has_composite_layers(model) -> bool:
         return False
 
 
-def _trace_once(model, warn: bool, failed: dict):
+def _trace_once(model, warn: bool, failed: dict, names: dict):
     fn = _compat.functional_of(model)
     inputs = keras.tree.map_structure(
         lambda x: keras.Input(batch_shape=x.shape, dtype=x.dtype, sparse=x.sparse, name=x.name),
@@ -215,6 +225,8 @@ def _trace_once(model, warn: bool, failed: dict):
     )
     tracer = _Tracer(warn)
     tracer.failed = failed
+    tracer.names = names
+    names["used"] = {op.name for op in nesting._graph_operations(fn)}  # this pass's names
     outputs = _compat.run_graph(fn, keras.tree.flatten(inputs), tracer.call)
     flat = keras.Model(inputs, outputs, name=model.name)
     for src, dst in tracer.pairs:
@@ -249,18 +261,28 @@ def inline_composite_layers(model: keras.Model, max_depth: int = 8, warn: bool =
         raise ValueError(f"Expected max_depth to be an integer >= 1. Received: max_depth={max_depth!r}")
     model = nesting.inline_nested_models(model)
     failed: dict = {}
+    names: dict = {"used": set(), "renamed": []}  # names given to sublayers; (user's layer, its name)
+    before = _compat.node_counts(model)  # tracing a user's layer adds nodes to its sublayers
     result = model
-    shared = False  # the result still holds sublayers of the user's layers
-    for _ in range(max_depth):
-        if not any(_is_candidate(op) and op.name not in failed for op, _, _ in _compat.nodes_in_order(result)):
-            break
-        result, traced, on_originals = _trace_once(result, warn, failed)
-        shared = on_originals or (shared and not traced)
-        if not traced:
-            break
-        result = nesting.inline_nested_models(result)
-    if shared:  # copy the user's sublayers that tracing put in the graph
-        result, _, _ = _trace_once(result, warn, failed)
+    shared = False  # the result holds sublayers of the user's layers
+    try:
+        for _ in range(max_depth):
+            if not any(_is_candidate(op) and op.name not in failed for op, _, _ in _compat.nodes_in_order(result)):
+                break
+            result, traced, on_originals = _trace_once(result, warn, failed, names)
+            shared = shared or on_originals
+            if not traced:
+                break
+            result = nesting.inline_nested_models(result)
+        if shared:  # copy the user's sublayers that tracing put in the graph (renamed copies)
+            result, _, _ = _trace_once(result, warn, failed, names)
+    finally:
+        for layer, name in reversed(names["renamed"]):
+            layer.name = name
+        if result is not model:
+            # The user's layers lose the nodes tracing added (those of the
+            # layers the result still reuses, config-less, keep them).
+            _compat.drop_nodes_since(before, keep={id(op) for op in nesting._graph_operations(result)})
     if result is not model and not model.trainable:
         result.trainable = False
     return result

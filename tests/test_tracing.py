@@ -154,6 +154,52 @@ def test_traced_composite_prunes_exactly():
     assert not any(type(l).__name__ in ("ResBlock", "ConvBN") for l in pruned.layers)
 
 
+class NoConfig(ResBlock):
+    """A composite whose config cannot rebuild it (like KerasHub's ViT `MLP`,
+    DeiT's encoder, MiT's encoder): `get_config` omits `filters`."""
+
+    def get_config(self):
+        return layers.Layer.get_config(self)
+
+
+def test_composite_whose_config_cannot_rebuild_it_is_traced_all_the_same(tmp_path):
+    block = NoConfig(8, name="res")
+    model = _model(block)
+    _randomize_nested_bn(model)
+    with pytest.raises(TypeError):
+        NoConfig.from_config(block.get_config())
+    before = [w.copy() for w in model.get_weights()]
+    names = [l.name for l in block._flatten_layers()]
+    nodes = [len(l._inbound_nodes) for l in block._flatten_layers()]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=r"(?s).*(Cannot trace|reused as is)")  # traced, copied
+        flat = tracing.inline_composite_layers(model)
+    assert {"res_a_conv", "res_a_bn", "res_b_conv", "res_b_bn", "res_drop"} <= {l.name for l in flat.layers}
+    assert not any(isinstance(l, (NoConfig, ConvBN)) for l in flat.layers)
+    np.testing.assert_allclose(flat(_x()), model(_x()), rtol=1e-5, atol=1e-6)
+    # The user's layers: same names, no new nodes, own weights (not shared).
+    assert [l.name for l in block._flatten_layers()] == names
+    assert [len(l._inbound_nodes) for l in block._flatten_layers()] == nodes
+    assert not {id(v) for v in flat.weights} & {id(v) for v in model.weights}
+    for w in flat.weights:
+        w.assign(np.zeros(w.shape, w.dtype))
+    for a, b in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    # It prunes exactly and the pruned model reloads with no custom objects.
+    gated = kt.add_gates(model)
+    graph = kt.analyze(gated)
+    removed = {int(g) for l in kt.gates.gate_layers(gated) for g in graph.groups_of_layer_output(l.name)[:1] if g >= 0}
+    for l in kt.gates.gate_layers(gated):
+        g = graph.groups_of_layer_output(l.name)
+        l.gate.assign(np.where(np.isin(g, list(removed)) & (g >= 0), 0.0, 1.0).astype("float32"))
+    pruned = kt.prune(gated)
+    np.testing.assert_allclose(pruned(_x()), gated(_x()), rtol=1e-5, atol=1e-5)
+    assert pruned.get_layer("res_a_conv").filters < 8
+    path = str(tmp_path / "p.keras")
+    pruned.save(path)
+    np.testing.assert_allclose(keras.saving.load_model(path)(_x()), pruned(_x()), rtol=1e-6, atol=1e-6)
+
+
 def test_shared_sublayer_stays_shared():
     model = _model(Twice(name="tw"), filters=4)
     flat = tracing.inline_composite_layers(model)
