@@ -31,7 +31,7 @@ def main(names) -> None:
     import keras_hub
 
     from tests import kerashub_zoo as zoo
-    from tests.test_kerashub import KNOWN_BROKEN, NOT_PRUNABLE
+    from tests.test_kerashub import NOT_PRUNABLE
 
     names = names or list(zoo.MODELS)
     rows = []
@@ -45,7 +45,7 @@ def main(names) -> None:
             except Exception as e:  # noqa: BLE001 - recorded in the table
                 row = {"model": name, "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}",
                        "trace": traceback.format_exc(limit=3)}
-        row["note"] = NOT_PRUNABLE.get(name) or KNOWN_BROKEN.get(name, "")
+        row["note"] = NOT_PRUNABLE.get(name, "")
         row["seconds"] = round(time.time() - start, 1)
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "trace"}), flush=True)
@@ -67,22 +67,31 @@ def table(rows, meta) -> str:
         f"KerasHub {meta['keras_hub']}, Keras {meta['keras']}, input {tuple(meta['input_shape'])}, "
         f"random 30% of groups removed (seed 0); {meta['machine']}, {meta['date']}.",
         "",
-        "| model | class | prunable MAC share | groups | max rel. error | FLOPs after÷before | params after÷before | note |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | class | prunable MAC share | groups (heads) | max rel. error | FLOPs after÷before | params after÷before "
+        "| reloads | TaylorPruning steps (input) | note |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | | | | | | | fails: {r['error']} {r['note']} |")
+            lines.append(f"| {r['model']} | | | | | | | | | fails: {r['error']} {r['note']} |")
             continue
         if not r.get("pruned"):
-            lines.append(f"| {r['model']} | {r['class']} | {r['prunable_mac_share']:.2f} | 0 | | | | {r['note'] or r.get('reason', '')} |")
+            lines.append(f"| {r['model']} | {r['class']} | {r['prunable_mac_share']:.2f} | 0 | | | | | | {r['note'] or r.get('reason', '')} |")
             continue
         extra = r["note"]
         if r["unknown_layers"]:
             extra = (extra + "; " if extra else "") + "fixed units: " + ", ".join(r["unknown_layers"])
+        if r.get("reload_error"):
+            extra = (extra + "; " if extra else "") + "does not reload: " + r["reload_error"]
+        heads = f" ({r['head_gates']} head gates)" if r.get("head_gates") else ""
+        reloads = "no" if r.get("reload_error") else "yes"
+        steps = ""
+        if "taylor_steps" in r:
+            shape = "×".join(str(d) for d in r["taylor_input_shapes"][0]) if r["taylor_input_shapes"] else "?"
+            steps = f"{r['taylor_steps']} → FLOPs {r['taylor_flops']:.3f} ({'None×None' if r.get('dynamic_input') else 'fixed'} input, counted at {shape})"
         lines.append(
-            f"| {r['model']} | {r['class']} | {r['prunable_mac_share']:.3f} | {r['groups']} | {r['max_rel_error']:.1e} | "
-            f"{r['flops_ratio']:.3f} | {r['params_ratio']:.3f} | {extra} |"
+            f"| {r['model']} | {r['class']} | {r['prunable_mac_share']:.3f} | {r['groups']}{heads} | {r['max_rel_error']:.1e} | "
+            f"{r['flops_ratio']:.3f} | {r['params_ratio']:.3f} | {reloads} | {steps} | {extra} |"
         )
     return "\n".join(lines) + "\n"
 

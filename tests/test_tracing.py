@@ -200,6 +200,42 @@ def test_composite_whose_config_cannot_rebuild_it_is_traced_all_the_same(tmp_pat
     np.testing.assert_allclose(keras.saving.load_model(path)(_x()), pruned(_x()), rtol=1e-6, atol=1e-6)
 
 
+class PairOut(layers.Layer):
+    """Returns `(output, None)` (KerasHub's DeiTEncoderBlock): Keras refuses
+    a symbolic call of it, a node's outputs must all be tensors."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.conv = layers.Conv2D(8, 3, padding="same", name=f"{self.name}_conv")
+
+    def call(self, x):
+        return ops.relu(self.conv(x)), None
+
+
+class HoldsPairOut(layers.Layer):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.inner = PairOut(name=f"{self.name}_inner")
+
+    def call(self, x):
+        y, _ = self.inner(x)
+        return y + x
+
+
+def test_composite_calling_a_sublayer_keras_cannot_call_symbolically_is_traced():
+    block = HoldsPairOut(name="hp")
+    model = _model(block)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=r"(?s).*Cannot trace")
+        flat = tracing.inline_composite_layers(model)
+    assert "hp_inner_conv" in {l.name for l in flat.layers}
+    assert not any(isinstance(l, (HoldsPairOut, PairOut)) for l in flat.layers)
+    assert type(block.inner) is PairOut  # its class is put back
+    np.testing.assert_allclose(flat(_x()), model(_x()), rtol=1e-5, atol=1e-6)
+    graph = kt.analyze(kt.add_gates(model))
+    assert len(graph.groups_of_layer_output("hp_inner_conv")) == 8
+
+
 def test_shared_sublayer_stays_shared():
     model = _model(Twice(name="tw"), filters=4)
     flat = tracing.inline_composite_layers(model)
