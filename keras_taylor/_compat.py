@@ -6,7 +6,11 @@ release moves one of these, only this module needs to change.
 
 from __future__ import annotations
 
+import contextlib
+import math
+
 import keras
+import numpy as np
 
 
 def functional_of(model: keras.Model):
@@ -309,14 +313,48 @@ def concrete_shapes(model, input_shapes) -> dict:
 
 
 def structural_op_classes() -> dict:
-    """`keras.ops` operations that move channels (pad, split, reductions),
+    """`keras.ops` operations that move channels (pad, split, reductions, reshape),
     for the handlers of `keras_taylor.handlers` (absent ones are skipped)."""
     from keras.src.ops import numpy as knp
 
     def found(names):
         return tuple(getattr(knp, n) for n in names if hasattr(knp, n))
 
-    return {"pad": found(("Pad",)), "split": found(("Split",)), "reduce": found(("Mean", "Sum", "Max", "Min", "Amax", "Amin"))}
+    return {"pad": found(("Pad",)), "split": found(("Split",)), "reduce": found(("Mean", "Sum", "Max", "Min", "Amax", "Amin")), "reshape": found(("Reshape",))}
+
+
+@contextlib.contextmanager
+def reshape_with_unknown_batch():
+    """While active, `keras.ops.reshape` of a symbolic tensor whose batch size
+    is unknown accepts `None` as the new batch size (what `ops.shape(x)[0]`
+    gives on symbolic tensors): `reshape(x, (ops.shape(x)[0], h, w, c))`, as
+    KerasHub's MiT layers write it, is recorded as `reshape(x, (-1, h, w, c))`
+    (a second `-1` is resolved from the static sizes). Used only to trace
+    composite layers (`keras_taylor.tracing`), whose traced graph is then
+    checked against the layer on real inputs."""
+    original = keras.ops.reshape
+
+    def reshape(x, newshape):
+        if isinstance(x, keras.KerasTensor) and isinstance(newshape, (tuple, list)) and len(newshape) > 1:
+            shape = list(newshape)
+            rest = shape[1:]
+            ints = all(isinstance(d, (int, np.integer)) for d in rest)
+            if shape[0] is None and x.shape[0] is None and ints:
+                rest = [int(d) for d in rest]
+                if -1 in rest:
+                    known = x.shape[1:]
+                    if None in known or rest.count(-1) > 1:
+                        return original(x, newshape)
+                    other = math.prod(d for d in rest if d != -1)
+                    rest[rest.index(-1)] = math.prod(known) // other
+                return original(x, (-1, *rest))
+        return original(x, newshape)
+
+    keras.ops.reshape = reshape
+    try:
+        yield
+    finally:
+        keras.ops.reshape = original
 
 
 def recorded_call_kwargs(op) -> dict:

@@ -255,16 +255,19 @@ def _call_accepting(layer, *args, **kwargs):
     return layer(*args, **kwargs)
 
 
-def clone_with(model: keras.Model, clone_function) -> keras.Model:
+def clone_with(model: keras.Model, clone_function, op_config=None) -> keras.Model:
     """`keras.models.clone_model` that tolerates swapping layer classes.
 
-    Stateless `keras.ops` nodes (`x + 3.0`) are copied from their config;
-    `clone_function` sees only layers.
+    Stateless `keras.ops` nodes (`x + 3.0`) are copied from their config
+    (passed through `op_config(op, config)` when given: surgery writes a
+    reshape's new channel count there); `clone_function` sees only layers.
     """
 
     def clone(op):
         if isinstance(op, keras.layers.Layer):
             return clone_function(op)
+        if op_config is not None:
+            return op.__class__.from_config(op_config(op, op.get_config()))
         # A stateless `keras.ops` node: a fresh copy, so the user's model does
         # not gain call history; reused when it cannot be rebuilt.
         try:

@@ -732,6 +732,36 @@ class PadOpHandler(LayerHandler):
         return None
 
 
+class ReshapeOpHandler(LayerHandler):
+    """`keras.ops.reshape` node (KerasHub's MiT: tokens `(B, H*W, C)` to a
+    map `(B, H, W, C)` and back around its depthwise conv).
+
+    A reshape that keeps the channels as the last axis, of the same size, only
+    moves positions: each channel keeps its id, and surgery writes the kept
+    count into the op's `newshape`. Any other reshape (heads split out of the
+    channels, `(B, N, C) -> (B, N, h, C/h)`) fixes the channels on both sides.
+    """
+
+    def propagate(self, layer, in_maps, in_shapes, out_shapes, ctx):
+        rank = len(in_shapes[0])
+        axis = _channel_axis(ctx, rank)
+        target = list(layer.newshape) if isinstance(layer.newshape, (tuple, list)) else []
+        if axis == rank - 1 and len(target) > 1 and target[-1] != -1 and out_shapes[0][-1] == in_shapes[0][-1]:
+            return [in_maps[0]]
+        reason = f"{layer.name!r} (ops.reshape) does not keep the channels as its last axis"
+        ctx.fix(in_maps[0], reason)
+        out = ctx.new_ids(out_shapes[0][-1] if len(out_shapes[0]) > 1 else 1)
+        ctx.fix(out, reason)
+        return [out]
+
+    def slice(self, layer, config, weights, kept_in, kept_out):
+        target = list(config.get("newshape", ()))
+        if len(target) > 1 and target[-1] != -1:
+            target[-1] = int(len(kept_out[0]))
+            config = dict(config, newshape=tuple(target))
+        return config, weights
+
+
 class SplitOpHandler(LayerHandler):
     """`keras.ops.split` node (CSPNet's cross-stage split).
 
@@ -882,7 +912,9 @@ for _kind, _classes in _compat.op_classes().items():
     for _cls in _classes:
         register_handler(_cls, OpHandler(_kind))
 _structural = _compat.structural_op_classes()
-for _handler, _key in ((PadOpHandler(), "pad"), (SplitOpHandler(), "split"), (ReduceOpHandler(), "reduce")):
+for _handler, _key in (
+    (PadOpHandler(), "pad"), (SplitOpHandler(), "split"), (ReduceOpHandler(), "reduce"), (ReshapeOpHandler(), "reshape"),
+):
     for _cls in _structural[_key]:
         register_handler(_cls, _handler)
 _apps = _compat.application_layers()

@@ -86,7 +86,10 @@ def apply_plan(model: keras.Model, plan: PruningPlan, on_unknown: str = "error")
         pending.append((new, weights))
         return new
 
-    pruned = gates_lib.clone_with(model, clone)
+    def op_config(op, config):  # a keras.ops node (ops.reshape's newshape)
+        return slice_layer(op, config, [], kept)[0]
+
+    pruned = gates_lib.clone_with(model, clone, op_config)
     for layer, weights in pending:
         layer.set_weights(weights)
     return pruned

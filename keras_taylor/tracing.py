@@ -216,9 +216,7 @@ class _Tracer:
                     try:
                         out = self._trace(op, new, args, kwargs)
                     except Exception:  # noqa: BLE001 - retried with its composite sublayers opened
-                        with _calls_opened(new) as opened:
-                            if not opened:
-                                raise
+                        with _calls_opened(new), _compat.reshape_with_unknown_batch():
                             out = self._trace(op, new, args, kwargs)
                 except Exception as e:  # noqa: BLE001 - reported, the layer stays a unit
                     self._fail(op, f"its call cannot be traced: {type(e).__name__}: {str(e)[:160]}")
@@ -236,8 +234,7 @@ def _calls_opened(layer):
     their `call` when called, not `__call__`: a sublayer whose symbolic call
     Keras refuses (KerasHub's `DeiTEncoderBlock` returns `(output, None)`,
     and a Keras node's outputs must all be tensors) is traced as part of
-    `layer`. Yields whether any sublayer was opened; puts their classes back
-    on exit."""
+    `layer`. Puts their classes back on exit."""
     swapped = []
     try:
         for sub in layer._flatten_layers(include_self=False, recursive=False):
@@ -246,7 +243,7 @@ def _calls_opened(layer):
                 opened = type(cls.__name__, (cls,), {"__call__": lambda self, *a, **k: self.call(*a, **k), "__module__": cls.__module__})
                 object.__setattr__(sub, "__class__", opened)
                 swapped.append((sub, cls))
-        yield bool(swapped)
+        yield
     finally:
         for sub, cls in swapped:
             object.__setattr__(sub, "__class__", cls)

@@ -20,22 +20,18 @@ FAST = ["resnet_v2_basic", "cspnet", "mobilenet_v3"]
 # Models with no prunable group (add_gates refuses them, saying so), and why.
 NOT_PRUNABLE = {
     "mobilenet_v5": "every conv feeds RmsNorm2d, which normalises over channels (removing one changes the others)",
-    "mit": "MiT's SegFormerMultiheadAttention and MixFFN cannot be traced: their call reshapes to "
-    "(ops.shape(x)[0], ...), and on symbolic tensors the batch size is None (ops.reshape refuses it); they stay "
-    "fixed units, and every patch-embedding conv feeds them",
 }
 # Models that prune exactly but whose pruned model does not reload, and the
 # KerasHub layer whose config breaks it (any Functional model holding it
 # fails so, pruned or not: docs/kerashub.md section 5).
 RELOAD_FAILS = {
     "deeplab_v3": "SpatialPyramidPooling",
-    "segformer": "SegFormerMultiheadAttention",
     "vit": "ViTPatchingAndEmbedding",
     "deit": "DeiTEmbeddings",
 }
 # Transformers: the MLPs (and keras.layers.MultiHeadAttention heads) prune;
 # KerasHub's own attention/embedding layers stay fixed units.
-PARTIAL = {"dinov2", "vit", "deit", "segformer"}
+PARTIAL = {"dinov2", "vit", "deit", "mit", "segformer"}
 
 
 def _check(name, tmp_path, taylor=True):

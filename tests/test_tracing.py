@@ -236,6 +236,61 @@ def test_composite_calling_a_sublayer_keras_cannot_call_symbolically_is_traced()
     assert len(graph.groups_of_layer_output("hp_inner_conv")) == 8
 
 
+class TokenMLP(layers.Layer):
+    """KerasHub MiT's MixFFN pattern: tokens -> Dense -> map (reshaped with
+    the run-time batch size `ops.shape(x)[0]`) -> depthwise conv -> tokens ->
+    Dense."""
+
+    def __init__(self, mid, **kwargs):
+        super().__init__(**kwargs)
+        self.mid = mid
+        self.fc1 = layers.Dense(mid, name=f"{self.name}_fc1")
+        self.dw = layers.DepthwiseConv2D(3, padding="same", name=f"{self.name}_dw")
+        self.fc2 = layers.Dense(8, name=f"{self.name}_fc2")
+
+    def call(self, x):
+        b, (h, w, c) = ops.shape(x)[0], x.shape[1:]
+        t = self.fc1(ops.reshape(x, (b, -1, c)))
+        t = ops.reshape(self.dw(ops.reshape(t, (b, h, w, self.mid))), (b, -1, self.mid))
+        return ops.reshape(self.fc2(ops.relu(t)), (b, h, w, c))
+
+
+def test_reshape_with_the_run_time_batch_size_is_traced_and_prunes_exactly(tmp_path):
+    inputs = keras.Input((6, 6, 3))
+    x = layers.Conv2D(8, 3, padding="same", name="stem")(inputs)
+    x = layers.LayerNormalization(name="ln")(x)  # the embedding width stays fixed
+    x = TokenMLP(12, name="mlp")(x)
+    model = keras.Model(inputs, layers.Dense(3, name="out")(layers.GlobalAveragePooling2D(name="gap")(x)))
+    original = keras.ops.reshape
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=r"(?s).*Cannot trace")
+        gated = kt.add_gates(model)
+    assert keras.ops.reshape is original  # the trace-time reshape is put back
+    graph = kt.analyze(gated)
+    hidden = graph.groups_of_layer_output("mlp_fc1")
+    assert len(hidden) == 12 and (hidden >= 0).all()
+    removed = {int(g) for g in hidden[[0, 3, 4, 9]]}
+    for l in kt.gates.gate_layers(gated):
+        g = graph.groups_of_layer_output(l.name)
+        l.gate.assign(np.where(np.isin(g, list(removed)) & (g >= 0), 0.0, 1.0).astype("float32"))
+    pruned = kt.prune(gated)
+    x = np.random.default_rng(0).normal(size=(3, 6, 6, 3)).astype("float32")
+    np.testing.assert_allclose(pruned(x), gated(x), rtol=1e-5, atol=1e-5)
+    assert pruned.get_layer("mlp_fc1").units == 8 and pruned.get_layer("mlp_dw").kernel.shape[2] == 8
+    path = str(tmp_path / "p.keras")
+    pruned.save(path)
+    np.testing.assert_allclose(keras.saving.load_model(path)(x), pruned(x), rtol=1e-6, atol=1e-6)
+
+
+def test_reshape_that_splits_channels_fixes_them():
+    inputs = keras.Input((4, 8))
+    x = layers.Dense(8, name="d")(inputs)
+    x = ops.reshape(x, (-1, 4, 2, 4))  # heads out of the channels
+    model = keras.Model(inputs, layers.Dense(3, name="out")(ops.reshape(x, (-1, 4, 8))))
+    with pytest.raises(ValueError, match=r"ops.reshape\) does not keep the channels"):
+        kt.add_gates(model)
+
+
 def test_shared_sublayer_stays_shared():
     model = _model(Twice(name="tw"), filters=4)
     flat = tracing.inline_composite_layers(model)
