@@ -7,6 +7,8 @@ Writes benchmarks/results/kerashub_sweep.json and a markdown table
 max relative error (surgery vs masking), FLOPs and params after ÷ before.
 
     PYTHONPATH=$PWD nice python benchmarks/kerashub_sweep.py [model ...]
+
+Resumable: each model's row replaces its old one as soon as it is measured.
 """
 
 from __future__ import annotations
@@ -34,7 +36,11 @@ def main(names) -> None:
     from tests.test_kerashub import NOT_PRUNABLE
 
     names = names or list(zoo.MODELS)
-    rows = []
+    path = os.path.join(HERE, "results", "kerashub_sweep.json")
+    done = {}
+    if os.path.exists(path):  # resumable: rows of other models are kept
+        with open(path) as f:
+            done = {r["model"]: r for r in json.load(f)["rows"]}
     tmp = tempfile.mkdtemp()
     for name in names:
         start = time.time()
@@ -47,25 +53,30 @@ def main(names) -> None:
                        "trace": traceback.format_exc(limit=3)}
         row["note"] = NOT_PRUNABLE.get(name, "")
         row["seconds"] = round(time.time() - start, 1)
-        rows.append(row)
+        row["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        row["load_average"] = os.getloadavg()[0]
+        done[name] = row
         print(json.dumps({k: v for k, v in row.items() if k != "trace"}), flush=True)
-    meta = {
-        "command": "PYTHONPATH=$PWD nice python benchmarks/kerashub_sweep.py",
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared)",
-        "keras": keras.__version__, "keras_hub": keras_hub.__version__,
-        "input_shape": list(zoo.SIZE), "removed_fraction": 0.3, "seed": 0,
-    }
-    with open(os.path.join(HERE, "results", "kerashub_sweep.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    with open(os.path.join(HERE, "results", "kerashub_sweep.md"), "w") as f:
-        f.write(table(rows, meta))
+        rows = [done[n] for n in zoo.MODELS if n in done]
+        meta = {
+            "command": "PYTHONPATH=$PWD nice python benchmarks/kerashub_sweep.py [model ...]",
+            "date": row["date"],
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared)",
+            "keras": keras.__version__, "keras_hub": keras_hub.__version__,
+            "input_shape": list(zoo.SIZE), "removed_fraction": 0.3, "seed": 0,
+        }
+        with open(path, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        with open(os.path.join(HERE, "results", "kerashub_sweep.md"), "w") as f:
+            f.write(table(rows, meta))
 
 
 def table(rows, meta) -> str:
     lines = [
         f"KerasHub {meta['keras_hub']}, Keras {meta['keras']}, input {tuple(meta['input_shape'])}, "
-        f"random 30% of groups removed (seed 0); {meta['machine']}, {meta['date']}.",
+        f"random 30% of groups removed (seed 0); {meta['machine']}; rows measured "
+        f"{min(r.get('date', '?') for r in rows)} to {max(r.get('date', '?') for r in rows)} (each row's date and "
+        "load average are in kerashub_sweep.json).",
         "",
         "| model | class | prunable MAC share | groups (heads) | max rel. error | FLOPs after÷before | params after÷before "
         "| reloads | TaylorPruning steps (input) | note |",
