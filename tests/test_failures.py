@@ -144,6 +144,28 @@ def unknown_layer_model():
     return _through(Doubler(name="doubler"))
 
 
+class ValueBranch(layers.Layer):
+    """A composite layer whose `call` branches on a tensor value: it cannot
+    be traced (keras_taylor.tracing), so it stays one fixed unit."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.inner = layers.Conv2D(4, 1, name=f"{self.name}_inner")
+
+    def call(self, x):
+        return self.inner(x if float(keras.ops.convert_to_numpy(keras.ops.sum(x))) > 0 else -x)
+
+    def build(self, shape):
+        self.inner.build(shape)
+
+    def compute_output_shape(self, shape):
+        return (*shape[:-1], 4)
+
+
+def untraceable_model():
+    return _through(ValueBranch(name="branchy"))
+
+
 def lambda_model():
     return _through(layers.Lambda(lambda t: t * 2.0, name="lam"))
 
@@ -301,7 +323,13 @@ UNBUILT = (r"'unbuilt'", r"Expected a built Sequential", r"keras\.Input|model\.b
 BN_AXIS = (r"'bn_h'", r"\bBatchNormalization\b", r"(?i)expect", r"axis[= ]1")
 NOT_PRUNABLE = r"Expected the plan's layers to be prunable layers of model 'plain'"
 
+UNTRACEABLE = (r"'branchy'", r"\bValueBranch\b", r"register_handler", r"on_unknown='freeze'")
+
 CASES = [
+    # ---- composite layers that cannot be traced --------------------------------
+    case("add_gates-untraceable_composite", untraceable_model, lambda m, c: kt.add_gates(m), ValueError, *UNTRACEABLE),
+    case("apply_plan-untraceable_composite", untraceable_model,
+         lambda m, c: kt.apply_plan(m, Plan(conv=[0])), ValueError, *UNTRACEABLE),
     # ---- layers without a handler on a prunable path ---------------------------
     case("add_gates-unknown_layer", unknown_layer_model, lambda m, c: kt.add_gates(m), ValueError, *UNKNOWN),
     case("analyze-unknown_layer", unknown_layer_model, lambda m, c: kt.analyze(m), ValueError, *UNKNOWN),
