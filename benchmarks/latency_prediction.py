@@ -65,6 +65,7 @@ flags.DEFINE_integer("calibrate", 8, "Random prunings the table is calibrated on
 flags.DEFINE_integer("iterations", 4, "Most plans (= measurements) of the closed loop per latency target.")
 flags.DEFINE_list("targets", ["0.7", "0.5", "0.3"], "One-shot knapsack latency targets (random scores, aligned to 8).")
 flags.DEFINE_list("fractions", ["0.125", "0.25", "0.375", "0.5", "0.625", "0.75", "0.875"], "Width fractions sampled by the table.")
+flags.DEFINE_bool("build_only", False, "Only time a cold table build (no calibration, no check); key <model>/<runtime>/<size>/build.")
 flags.DEFINE_bool("fresh", True, "Clear this run's table cache first (cold build time).")
 flags.DEFINE_string("cache_dir", "/tmp/keras_taylor_latency_bench", "Table cache directory.")
 flags.DEFINE_string("output", os.path.join(os.path.dirname(__file__), "results", "latency_prediction.json"), "Results JSON.")
@@ -97,6 +98,24 @@ def prunings(model, n, seed, exclude=()):
             "flops_fraction": cost.evaluate(graph.alive_ids(removed))[0] / full, "model": pruned,
         })
     return out
+
+
+def build_only(name, runtime):
+    """Cold build time of the table alone (fresh cache), and how many segments are distinct."""
+    load_before = os.getloadavg()
+    model = build(name, FLAGS.size, FLAGS.seed)
+    cache = os.path.join(FLAGS.cache_dir, f"{name}_{runtime}_{FLAGS.size}_build")
+    if os.path.isdir(cache):
+        shutil.rmtree(cache)
+    fr = [float(f) for f in FLAGS.fractions]
+    start = time.time()
+    table = kt.LatencyTable.measure(model, runtime=runtime, rounds=FLAGS.rounds, fractions=fr, threads=FLAGS.threads,
+                                    cache_dir=cache, calibrate=0, verbose=1)
+    build_s = time.time() - start
+    distinct = len({json.dumps(e, sort_keys=True) for e in table.layers.values()})
+    return {"model": name, "runtime": runtime, "size": FLAGS.size, "batch": 1, "fractions": fr, "rounds": FLAGS.rounds,
+            "threads": FLAGS.threads, "table_build_s": build_s, "segments": len(table.layers), "distinct_segments": distinct,
+            "dense_ms": table.full_ms, "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
 
 
 def run_one(name, runtime):
@@ -198,6 +217,16 @@ def main(argv):
     results["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared)"
     for name in FLAGS.models:
         for runtime in FLAGS.runtimes:
+            if FLAGS.build_only:
+                res = build_only(name, runtime)
+                res["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+                res["command"] = " ".join(["python"] + sys.argv)
+                results["runs"][f"{name}/{runtime}/{FLAGS.size}/build"] = res
+                print(f"{name} {runtime} {FLAGS.size}²: cold table build {res['table_build_s']:.0f} s "
+                      f"({res['segments']} segments, {res['distinct_segments']} distinct); load {res['loadavg_before']}", flush=True)
+                with open(FLAGS.output, "w") as f:
+                    json.dump(results, f, indent=1)
+                continue
             res = run_one(name, runtime)
             res["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
             res["command"] = " ".join(["python"] + sys.argv)
