@@ -6,25 +6,29 @@ BN given trained-looking statistics by `keras_taylor.testing.
 lively_statistics`, `--size`² inputs: smaller than 224 on a loaded 2-core
 machine) and runtime (`tf`, `tflite`; batch 1):
 
-1. `kt.LatencyTable.measure(model, runtime)` — build time recorded (a warm
-   cache is cleared first with `--fresh`, the default, so the time is the
-   cold build).
-2. `--prunings` random prunings: FLOPs target drawn uniformly in
-   [0.3, 0.9]; channel groups taken in a random order
-   (`keras_taylor.selection.greedy_removal` on random scores, every layer
-   keeps a channel), shortest prefix at or under the target; every second
-   pruning aligned to multiples of 8 (`selection.align_to_target`).
-   `kt.apply_plan` builds the smaller model.
-3. All pruned models and the dense one are timed on the runtime in
-   interleaved rounds (`keras_taylor.latency.time_callables`, minimum of
-   per-round means — the statistic the table uses; the median is kept too) and
-   compared with `table.predict(pruned)`.
+1. `kt.LatencyTable.measure(model, runtime, calibrate=0)` — cold build time
+   recorded (`--fresh`, the default, clears this run's cache first); then
+   the same with `calibrate=--calibrate` (the calibration's time recorded:
+   `--calibrate` random prunings measured whole, seeded from `[seed, 7919]`).
+2. `--prunings` random prunings for the check, drawn from `[seed, 1]`
+   (`selection.random_flops_removal`: FLOPs kept uniform in [0.3, 0.9],
+   every second one aligned to 8), none equal to a calibration pruning
+   (checked by digest).
+3. Latency targets (`--targets`): `kt.plan_for_latency` (knapsack on random
+   importance, widths multiples of 8, closed loop of at most `--iterations`
+   measured plans, tolerance 0.02), and for contrast the FLOPs knapsack with
+   the same scores at the FLOPs the latency plan reached.
+4. A final check: the dense model, the prunings and both targeted models of
+   every target timed together in `--check_rounds` interleaved rounds
+   (minimum of per-round means), compared with `table.predict` (calibrated)
+   and the uncalibrated table's prediction; target cells report the final
+   check's ratio (and the loop's own measurement).
 
-Reports predicted ÷ measured per pruning, the median absolute error and the
-worst, the table build time, and the load average (the machine is shared:
-numbers are noisy).
+`--threads N` sets the LiteRT interpreter's threads and TF's intra/inter-op
+pools (1 on this shared 2-core machine: far steadier). `--build_only` only
+times a cold table build (e.g. ResNet50 at 224² on tflite).
 
-    nice python benchmarks/latency_prediction.py --models ResNet50 --runtimes tflite --size 96
+    nice python benchmarks/latency_prediction.py --models ResNet50 --runtimes tflite --size 64 --threads 1
 
 Writes benchmarks/results/latency_prediction.json (merged per model/runtime).
 """
