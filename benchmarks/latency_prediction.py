@@ -6,25 +6,29 @@ BN given trained-looking statistics by `keras_taylor.testing.
 lively_statistics`, `--size`² inputs: smaller than 224 on a loaded 2-core
 machine) and runtime (`tf`, `tflite`; batch 1):
 
-1. `kt.LatencyTable.measure(model, runtime)` — build time recorded (a warm
-   cache is cleared first with `--fresh`, the default, so the time is the
-   cold build).
-2. `--prunings` random prunings: FLOPs target drawn uniformly in
-   [0.3, 0.9]; channel groups taken in a random order
-   (`keras_taylor.selection.greedy_removal` on random scores, every layer
-   keeps a channel), shortest prefix at or under the target; every second
-   pruning aligned to multiples of 8 (`selection.align_to_target`).
-   `kt.apply_plan` builds the smaller model.
-3. All pruned models and the dense one are timed on the runtime in
-   interleaved rounds (`keras_taylor.latency.time_callables`, minimum of
-   per-round means — the statistic the table uses; the median is kept too) and
-   compared with `table.predict(pruned)`.
+1. `kt.LatencyTable.measure(model, runtime, calibrate=0)` — cold build time
+   recorded (`--fresh`, the default, clears this run's cache first); then
+   the same with `calibrate=--calibrate` (the calibration's time recorded:
+   `--calibrate` random prunings measured whole, seeded from `[seed, 7919]`).
+2. `--prunings` random prunings for the check, drawn from `[seed, 1]`
+   (`selection.random_flops_removal`: FLOPs kept uniform in [0.3, 0.9],
+   every second one aligned to 8), none equal to a calibration pruning
+   (checked by digest).
+3. Latency targets (`--targets`): `kt.plan_for_latency` (knapsack on random
+   importance, widths multiples of 8, closed loop of at most `--iterations`
+   measured plans, tolerance 0.02), and for contrast the FLOPs knapsack with
+   the same scores at the FLOPs the latency plan reached.
+4. A final check: the dense model, the prunings and both targeted models of
+   every target timed together in `--check_rounds` interleaved rounds
+   (minimum of per-round means), compared with `table.predict` (calibrated)
+   and the uncalibrated table's prediction; target cells report the final
+   check's ratio (and the loop's own measurement).
 
-Reports predicted ÷ measured per pruning, the median absolute error and the
-worst, the table build time, and the load average (the machine is shared:
-numbers are noisy).
+`--threads N` sets the LiteRT interpreter's threads and TF's intra/inter-op
+pools (1 on this shared 2-core machine: far steadier). `--build_only` only
+times a cold table build (e.g. ResNet50 at 224² on tflite).
 
-    nice python benchmarks/latency_prediction.py --models ResNet50 --runtimes tflite --size 96
+    nice python benchmarks/latency_prediction.py --models ResNet50 --runtimes tflite --size 64 --threads 1
 
 Writes benchmarks/results/latency_prediction.json (merged per model/runtime).
 """
@@ -47,7 +51,6 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_taylor as kt  # noqa: E402
-from keras_taylor import latency as kt_latency  # noqa: E402
 from keras_taylor import latency_table as lt  # noqa: E402
 from keras_taylor import selection  # noqa: E402
 from keras_taylor.flops import CostModel  # noqa: E402
@@ -58,11 +61,15 @@ flags.DEFINE_list("models", ["ResNet50", "MobileNetV2"], "keras.applications mod
 flags.DEFINE_list("runtimes", ["tf", "tflite"], "Runtimes.")
 flags.DEFINE_integer("size", 96, "Input size (square).")
 flags.DEFINE_integer("prunings", 20, "Random prunings per model and runtime.")
-flags.DEFINE_integer("rounds", 7, "Interleaved timing rounds (table and check).")
+flags.DEFINE_integer("rounds", 7, "Interleaved timing rounds of the table's segments.")
+flags.DEFINE_integer("check_rounds", 21, "Interleaved rounds of whole-model timings (calibration, closed loop, final check).")
 flags.DEFINE_integer("seed", 0, "Seed.")
-flags.DEFINE_integer("threads", None, "tflite/onnxruntime threads (table and check); default: the runtime's.")
+flags.DEFINE_integer("threads", None, "Threads: tflite/onnxruntime (table and check) and TF's intra/inter-op pools; default: the runtime's.")
+flags.DEFINE_integer("calibrate", 8, "Random prunings the table is calibrated on (disjoint from the evaluated ones).")
+flags.DEFINE_integer("iterations", 4, "Most plans (= measurements) of the closed loop per latency target.")
 flags.DEFINE_list("targets", ["0.7", "0.5", "0.3"], "One-shot knapsack latency targets (random scores, aligned to 8).")
 flags.DEFINE_list("fractions", ["0.125", "0.25", "0.375", "0.5", "0.625", "0.75", "0.875"], "Width fractions sampled by the table.")
+flags.DEFINE_bool("build_only", False, "Only time a cold table build (no calibration, no check); key <model>/<runtime>/<size>/build.")
 flags.DEFINE_bool("fresh", True, "Clear this run's table cache first (cold build time).")
 flags.DEFINE_string("cache_dir", "/tmp/keras_taylor_latency_bench", "Table cache directory.")
 flags.DEFINE_string("output", os.path.join(os.path.dirname(__file__), "results", "latency_prediction.json"), "Results JSON.")
@@ -75,29 +82,20 @@ def build(name, size, seed):
     return model
 
 
-def prunings(model, n, seed):
+def prunings(model, n, seed, exclude=()):
+    """`n` random prunings (FLOPs kept uniform in [0.3, 0.9], every second one
+    aligned to 8), none equal to a calibration pruning (`exclude`: their keys)."""
     graph = kt.analyze(model)
     cost = CostModel(graph)
     full = cost.evaluate(graph.alive_ids(()))[0]
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng([seed, 1])  # the table's calibration draws from [seed, 7919]
     out = []
-    for i in range(n):
+    while len(out) < n:
         target = float(rng.uniform(0.3, 0.9))
-        scores = rng.uniform(size=graph.num_groups)
-        order, _ = selection.greedy_removal(graph, scores)
-        lo, hi = 0, len(order)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if cost.evaluate(graph.alive_ids(order[:mid]))[0] <= target * full:
-                hi = mid
-            else:
-                lo = mid + 1
-        removed = set(order[:hi])
-        aligned = i % 2 == 1
-        if aligned:
-            removed = selection.align_to_target(
-                graph, removed, scores, 8, lambda r: cost.evaluate(graph.alive_ids(r))[0] / full, target
-            )
+        aligned = len(out) % 2 == 1
+        removed = selection.random_flops_removal(graph, target, rng, multiple=8 if aligned else None)
+        if lt.removal_key(removed) in exclude:
+            continue
         pruned = kt.apply_plan(model, kt.PruningPlan.from_groups(graph, removed))
         out.append({
             "target_flops": target, "aligned8": aligned,
@@ -106,65 +104,115 @@ def prunings(model, n, seed):
     return out
 
 
+def build_only(name, runtime):
+    """Cold build time of the table alone (fresh cache), and how many segments are distinct."""
+    load_before = os.getloadavg()
+    model = build(name, FLAGS.size, FLAGS.seed)
+    cache = os.path.join(FLAGS.cache_dir, f"{name}_{runtime}_{FLAGS.size}_build")
+    if os.path.isdir(cache):
+        shutil.rmtree(cache)
+    fr = [float(f) for f in FLAGS.fractions]
+    start = time.time()
+    table = kt.LatencyTable.measure(model, runtime=runtime, rounds=FLAGS.rounds, fractions=fr, threads=FLAGS.threads,
+                                    cache_dir=cache, calibrate=0, verbose=1)
+    build_s = time.time() - start
+    distinct = len({json.dumps(e, sort_keys=True) for e in table.layers.values()})
+    return {"model": name, "runtime": runtime, "size": FLAGS.size, "batch": 1, "fractions": fr, "rounds": FLAGS.rounds,
+            "threads": FLAGS.threads, "table_build_s": build_s, "segments": len(table.layers), "distinct_segments": distinct,
+            "dense_ms": table.full_ms, "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
+
+
 def run_one(name, runtime):
     load_before = os.getloadavg()
     model = build(name, FLAGS.size, FLAGS.seed)
     cache = os.path.join(FLAGS.cache_dir, f"{name}_{runtime}")
     if FLAGS.fresh and os.path.isdir(cache):
         shutil.rmtree(cache)
-    start = time.time()
     fr = [float(f) for f in FLAGS.fractions]
-    table = kt.LatencyTable.measure(model, runtime=runtime, rounds=FLAGS.rounds, fractions=fr, threads=FLAGS.threads, cache_dir=cache, verbose=1)
+    kwargs = dict(runtime=runtime, rounds=FLAGS.rounds, fractions=fr, threads=FLAGS.threads, cache_dir=cache, calibration_rounds=FLAGS.check_rounds)
+    start = time.time()
+    uncal = kt.LatencyTable.measure(model, calibrate=0, verbose=1, **kwargs)
     build_s = time.time() - start
     start = time.time()
-    kt.LatencyTable.measure(model, runtime=runtime, rounds=FLAGS.rounds, fractions=fr, threads=FLAGS.threads, cache_dir=cache, verbose=0)
+    table = kt.LatencyTable.measure(model, calibrate=FLAGS.calibrate, verbose=0, **kwargs)
+    calibrate_s = time.time() - start
+    start = time.time()
+    kt.LatencyTable.measure(model, calibrate=FLAGS.calibrate, verbose=0, **kwargs)
     cached_s = time.time() - start
-    variants = prunings(model, FLAGS.prunings, FLAGS.seed)
+    exclude = {p["removed_key"] for p in (table.calibration or {}).get("points", [])}
+    variants = prunings(model, FLAGS.prunings, FLAGS.seed, exclude)
     rng = np.random.default_rng(FLAGS.seed)
-    runners = {"dense": lt._runner(model, runtime, 1, rng, FLAGS.threads)}
-    for i, v in enumerate(variants):
-        runners[f"p{i}"] = lt._runner(v["model"], runtime, 1, rng, FLAGS.threads)
-    # One-shot knapsack to latency targets (random importance, widths multiples of 8).
+    timer = lt._runtime_timer(runtime, 1, FLAGS.threads, FLAGS.check_rounds, rng)
+    # Latency targets: closed loop (plan, build, measure, re-plan) with random importance,
+    # widths multiples of 8; then FLOPs-targeted knapsack at the FLOPs the latency plan reached.
     graph = kt.analyze(model)
+    flops_terms = selection.cost_terms(graph, "flops")
+    dense_flops = flops_terms.evaluate(graph.alive_ids(()))
+    dense_pred = table.predict(model)
     targeted = {}
     for t in [float(x) for x in FLAGS.targets]:
         scores = rng.uniform(size=graph.num_groups)
         start = time.time()
-        plan = selection.knapsack_plan(graph, scores, table, t * table.full_ms, channel_multiple=8)
-        solve_s = time.time() - start
+        plan, history = kt.plan_for_latency(model, scores, table, t, measure=timer, iterations=FLAGS.iterations, channel_multiple=8)
+        loop_s = time.time() - start
         pruned = kt.apply_plan(model, plan)
-        targeted[t] = {"model": pruned, "solve_s": solve_s, "predicted_fraction": table.predict(pruned) / table.full_ms,
-                       "flops_fraction": kt.profile(pruned).flops / kt.profile(model).flops}
-        runners[f"t{t}"] = lt._runner(pruned, runtime, 1, rng, FLAGS.threads)
-    timed = kt_latency.time_callables(runners, rounds=FLAGS.rounds, seed=FLAGS.seed)
+        fl = kt.profile(pruned).flops / kt.profile(model).flops
+        fplan = selection.knapsack_plan(graph, scores, "flops", fl * dense_flops, channel_multiple=8)
+        fpruned = kt.apply_plan(model, fplan)
+        targeted[t] = {
+            "model": pruned, "flops_model": fpruned, "loop_s": loop_s, "history": history,
+            "predicted_fraction": table.predict(pruned) / dense_pred, "flops_fraction": fl,
+            "flops_pruned_flops_fraction": kt.profile(fpruned).flops / kt.profile(model).flops,
+        }
+    # Final check: everything timed together, interleaved.
+    models = {"dense": model}
+    models.update({f"p{i}": v["model"] for i, v in enumerate(variants)})
+    for t, v in targeted.items():
+        models[f"t{t}"] = v["model"]
+        models[f"f{t}"] = v["flops_model"]
+    timed = timer(models)  # models the loop timed are not converted again
     rows = []
     for i, v in enumerate(variants):
-        pred = table.predict(v["model"])
-        meas = timed[f"p{i}"]["min_ms"]
-        rows.append({
+        meas = timed[f"p{i}"]
+        row = {
             "target_flops": v["target_flops"], "flops_fraction": v["flops_fraction"], "aligned8": v["aligned8"],
-            "predicted_ms": pred, "measured_min_ms": meas, "measured_median_ms": timed[f"p{i}"]["median_ms"],
-            "pred_over_meas": pred / meas,
-        })
+            "measured_min_ms": meas,
+        }
+        for key, tab in (("", table), ("uncalibrated_", uncal)):
+            row[key + "predicted_ms"] = tab.predict(v["model"])
+            row[key + "pred_over_meas"] = row[key + "predicted_ms"] / meas
+        rows.append(row)
     err = np.abs(np.array([r["pred_over_meas"] for r in rows]) - 1.0)
-    dense = timed["dense"]["min_ms"]
+    err_u = np.abs(np.array([r["uncalibrated_pred_over_meas"] for r in rows]) - 1.0)
+    dense = timed["dense"]
     target_rows = [
         {"target": t, "predicted_fraction": v["predicted_fraction"], "flops_fraction": v["flops_fraction"],
-         "measured_fraction": timed[f"t{t}"]["min_ms"] / dense, "knapsack_s": v["solve_s"]}
+         "measured_fraction": timed[f"t{t}"] / dense,
+         "loop_measured_fraction": min(v["history"], key=lambda h: abs(h["measured_fraction"] - t))["measured_fraction"],
+         "measurements": len(v["history"]), "loop_s": v["loop_s"], "history": v["history"],
+         "flops_targeted_flops_fraction": v["flops_pruned_flops_fraction"],
+         "flops_targeted_measured_fraction": timed[f"f{t}"] / dense}
         for t, v in targeted.items()
     ]
     return {
-        "model": name, "runtime": runtime, "size": FLAGS.size, "batch": 1, "fractions": fr, "rounds": FLAGS.rounds, "threads": FLAGS.threads,
-        "table_build_s": build_s, "table_cached_s": cached_s, "segments": len(table.layers),
-        "dense_predicted_ms": table.predict(model), "dense_measured_min_ms": timed["dense"]["min_ms"],
-        "table_full_ms": table.full_ms, "fixed_ms": table.fixed_ms,
+        "model": name, "runtime": runtime, "size": FLAGS.size, "batch": 1, "fractions": fr, "rounds": FLAGS.rounds, "check_rounds": FLAGS.check_rounds, "threads": FLAGS.threads,
+        "table_build_s": build_s, "calibrate_s": calibrate_s, "table_cached_s": cached_s, "segments": len(table.layers),
+        "calibration": table.calibration,
+        "dense_predicted_ms": table.predict(model), "dense_measured_min_ms": dense,
+        "table_full_ms": table.full_ms, "uncalibrated_fixed_ms": uncal.fixed_ms,
         "median_abs_err": float(np.median(err)), "worst_abs_err": float(err.max()),
+        "uncalibrated_median_abs_err": float(np.median(err_u)), "uncalibrated_worst_abs_err": float(err_u.max()),
         "prunings": rows, "latency_targets": target_rows, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
     }
 
 
 def main(argv):
     del argv
+    if FLAGS.threads:
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(FLAGS.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(FLAGS.threads)
     results = {}
     if os.path.exists(FLAGS.output):
         with open(FLAGS.output) as f:
@@ -173,16 +221,28 @@ def main(argv):
     results["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared)"
     for name in FLAGS.models:
         for runtime in FLAGS.runtimes:
+            if FLAGS.build_only:
+                res = build_only(name, runtime)
+                res["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+                res["command"] = " ".join(["python"] + sys.argv)
+                results["runs"][f"{name}/{runtime}/{FLAGS.size}/build"] = res
+                print(f"{name} {runtime} {FLAGS.size}²: cold table build {res['table_build_s']:.0f} s "
+                      f"({res['segments']} segments, {res['distinct_segments']} distinct); load {res['loadavg_before']}", flush=True)
+                with open(FLAGS.output, "w") as f:
+                    json.dump(results, f, indent=1)
+                continue
             res = run_one(name, runtime)
             res["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
             res["command"] = " ".join(["python"] + sys.argv)
             results["runs"][f"{name}/{runtime}/{FLAGS.size}"] = res
             print(
-                f"{name} {runtime} {FLAGS.size}²: table {res['table_build_s']:.0f} s ({res['segments']} segments, "
-                f"cached {res['table_cached_s']:.2f} s); predicted/measured median |err| "
-                f"{res['median_abs_err']:.3f}, worst {res['worst_abs_err']:.3f}; load {res['loadavg_before']}; targets "
-                + ", ".join(f"{r['target']}: measured {r['measured_fraction']:.3f} (pred {r['predicted_fraction']:.3f}, "
-                            f"FLOPs {r['flops_fraction']:.3f})" for r in res["latency_targets"]),
+                f"{name} {runtime} {FLAGS.size}²: table {res['table_build_s']:.0f} s ({res['segments']} segments), "
+                f"calibration {res['calibrate_s']:.0f} s, cached {res['table_cached_s']:.2f} s; coef {res['calibration'] and res['calibration']['coef']}; "
+                f"predicted/measured median |err| {res['median_abs_err']:.3f}, worst {res['worst_abs_err']:.3f} "
+                f"(uncalibrated {res['uncalibrated_median_abs_err']:.3f}/{res['uncalibrated_worst_abs_err']:.3f}); load {res['loadavg_before']}; targets "
+                + ", ".join(f"{r['target']}: measured {r['measured_fraction']:.3f} (loop {r['loop_measured_fraction']:.3f} in {r['measurements']}, "
+                            f"pred {r['predicted_fraction']:.3f}, FLOPs {r['flops_fraction']:.3f}; FLOPs-targeted {r['flops_targeted_measured_fraction']:.3f})"
+                            for r in res["latency_targets"]),
                 flush=True,
             )
             os.makedirs(os.path.dirname(FLAGS.output), exist_ok=True)

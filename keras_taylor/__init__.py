@@ -21,7 +21,7 @@ from keras_taylor.gates import ChannelGate, add_gates, gate_values, is_gated, st
 from keras_taylor.graph import ChannelGraph, analyze
 from keras_taylor.handlers import Cost, LayerHandler, register_handler
 from keras_taylor.plan import PruningPlan
-from keras_taylor.latency_table import LatencyTable
+from keras_taylor.latency_table import LatencyTable, plan_for_latency
 from keras_taylor.surgery import apply_plan, prune
 from keras_taylor.nesting import inline_nested_models
 from keras_taylor.plotting import plot_channels, plot_history
@@ -86,6 +86,7 @@ __all__ = [
     "plot_channels",
     "oracle",
     "oracle_deltas",
+    "plan_for_latency",
     "plot_correlations",
     "plot_history",
     "profile",

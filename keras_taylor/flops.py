@@ -258,10 +258,11 @@ def profile(model: keras.Model, input_shape=None, latency=None) -> Profile:
         if not callable(getattr(latency, "cost_terms", None)):
             raise ValueError(f"Expected latency to be a keras_taylor.LatencyTable. Received: latency={latency!r}")
         terms = latency.cost_terms(graph)
-        ms = dict(terms.per_term(alive))
-        prof = Profile(
-            [LayerCount(l.name, l.class_name, l.flops, l.params, ms.get(l.name)) for l in prof.layers],
-            fixed_latency_ms=terms.constant,
-        )
+        ms: dict = {}
+        for name, v in terms.per_term(alive):  # a calibrated table has several terms per merge layer
+            ms[name] = ms.get(name, 0.0) + v
+        rows = [LayerCount(l.name, l.class_name, l.flops, l.params, ms.pop(l.name, None)) for l in prof.layers]
+        rows += [LayerCount(n, type(graph.first_node(n).inner).__name__, 0, 0, v) for n, v in ms.items()]
+        prof = Profile(rows, fixed_latency_ms=terms.constant)
     prof.input_shapes = [tuple(s) for s in graph.input_shapes]
     return prof

@@ -135,6 +135,28 @@ def _segments(graph: graph_lib.ChannelGraph) -> list:
     return out
 
 
+def _residual_terms(graph: graph_lib.ChannelGraph) -> list:
+    """`[(layer name, channel ids, Melements per channel)]`: every tensor read
+    or written by a layer call that is neither a channel-creating layer nor a
+    rider of a segment (Add, Multiply, Concatenate, pooling or padding after a
+    merge, reshapes…) — the work the segments do not time."""
+    inside = set()
+    for node, chain in _segments(graph):
+        inside.add(id(node))
+        inside.update(id(c) for c in chain)
+    out = []
+    for n in graph.nodes:
+        if id(n) in inside or (n.handler is not None and n.handler.creates_channels):
+            continue
+        for maps, shapes in ((n.in_maps, n.in_shapes), (n.out_maps, n.out_shapes)):
+            for ids, shape in zip(maps, shapes):
+                if ids is None or len(shape) < 2:
+                    continue
+                per_channel = float(np.prod([d or 1 for d in shape[1:-1]])) if len(shape) > 2 else 1.0
+                out.append((n.name, np.asarray(ids), per_channel / 1e6))
+    return out
+
+
 def _real_shape(canonical, axis) -> list:
     shape = list(canonical)
     if axis is None or axis == len(shape) - 1:
@@ -200,6 +222,8 @@ def _versions(runtime) -> str:
     import tensorflow as tf
 
     v = f"tf {tf.__version__}, keras {keras.__version__}"
+    if runtime == "tf":
+        v += f", intra-op threads {tf.config.threading.get_intra_op_parallelism_threads()}"
     if runtime == "tflite":
         try:
             from importlib import metadata
@@ -280,11 +304,17 @@ class LatencyTable:
         layers: `{layer name: entry}`, an entry holding `cin_full`,
             `cout_full`, `step`, `out_widths`/`out_ms` (A(cout)) and
             `in_widths`/`in_ms` (B(cin), empty when the input is never pruned).
-        fixed_ms: the per-model cost outside the layers' curves.
+        fixed_ms: the per-model cost outside the layers' curves (without a
+            calibration: measured dense model − Σ segments at full width).
         full_ms: the measured latency of the unpruned model.
+        calibration: `None`, or the whole-model calibration (see
+            `calibrate`): `{"coef": [a0, a1, a2], "points": [...]}` — the
+            prediction is then `a0 + a1·Σ segments + a2·Σ residual Melements`.
     """
 
-    def __init__(self, layers, fixed_ms, full_ms, runtime, batch_size, device, versions, model_name=""):
+    def __init__(self, layers, fixed_ms, full_ms, runtime, batch_size, device, versions, model_name="", calibration=None, threads=None):
+        self.calibration = calibration
+        self.threads = threads
         self.layers = dict(layers)
         self.fixed_ms = float(fixed_ms)
         self.full_ms = float(full_ms)
@@ -309,6 +339,8 @@ class LatencyTable:
         cache_dir: str | None = None,
         verbose: int = 1,
         seed: int = 0,
+        calibrate: int = 8,
+        calibration_rounds: int | None = None,
     ) -> "LatencyTable":
         """Measures the table of `model` on `runtime` (see the module docstring).
 
@@ -329,6 +361,16 @@ class LatencyTable:
                 `$KERAS_TAYLOR_CACHE` or `~/.cache/keras_taylor/latency`.
             verbose: 1 shows a `keras.utils.Progbar`, 0 nothing.
             seed: seed for inputs and round orders.
+            calibrate: number of random prunings of `model` measured whole to
+                calibrate the table (`LatencyTable.calibrate`); `0` keeps the
+                uncalibrated table (fixed cost = dense − Σ segments). Each costs
+                one conversion and timing of a pruned model on `runtime`; the
+                prunings are drawn from `seed` and cached with the table.
+                Defaults to `8`.
+            calibration_rounds: interleaved rounds of the whole-model timing
+                of the calibration. Defaults to `3 · rounds` (few models, so
+                more rounds are cheap, and the minimum over more rounds is
+                steadier on a loaded machine).
 
         Raises:
             ValueError: for an unknown runtime, a bad batch size/step/rounds,
@@ -352,6 +394,8 @@ class LatencyTable:
         segments = [_Segment(n, chain, graph) for n, chain in _segments(graph)]
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise ValueError(f"Expected threads to be None or an integer >= 1. Received: threads={threads!r}")
+        if isinstance(calibrate, bool) or not isinstance(calibrate, int) or calibrate < 0:
+            raise ValueError(f"Expected calibrate to be an integer >= 0. Received: calibrate={calibrate!r}")
         device, versions = _device(runtime), _versions(runtime) + (f", threads {threads}" if threads else "")
         cache = _Cache(cache_dir, runtime, batch_size, device, versions)
         rng = np.random.default_rng(seed)
@@ -379,8 +423,19 @@ class LatencyTable:
         if bar is not None:
             bar.add(1)
         cache.save()
-        table = cls(layers, 0.0, full_ms, runtime, batch_size, device, versions, plain.name)
+        table = cls(layers, 0.0, full_ms, runtime, batch_size, device, versions, plain.name, threads=threads)
         table.fixed_ms = full_ms - table.predict(plain)
+        if calibrate:
+            calibration_rounds = int(calibration_rounds or 3 * rounds)
+            cal_key = _hash(f"{full_key}|calibrate={calibrate}|seed={seed}|rounds={calibration_rounds}|{sorted((k, _hash(json.dumps(v, sort_keys=True))) for k, v in layers.items())}")
+            cal = cache.get(cal_key)
+            if cal is None:
+                # Whole models are timed as a user runs them (call overhead included: `a0` holds it).
+                timer = _runtime_timer(runtime, batch_size, threads, calibration_rounds, rng)
+                cal = table.calibrate(plain, calibrate, timer, seed=seed)
+                cache.put(cal_key, cal)
+                cache.save()
+            table.calibration = cal
         return table
 
     # ---- use ----------------------------------------------------------------------
@@ -393,10 +448,90 @@ class LatencyTable:
             a = a * (b / e["full_ms"] if e["full_ms"] > 0 else 1.0)
         return a
 
-    def cost_terms(self, graph: graph_lib.ChannelGraph):
-        """The table as additive `selection.CostTerms` over `graph` (ms)."""
+    def cost_terms(self, graph: graph_lib.ChannelGraph, calibrated: bool = True):
+        """The table as additive `selection.CostTerms` over `graph` (ms).
+
+        With a calibration (and `calibrated`), the segment terms are scaled by
+        `a1`, one term per residual tensor (`a2` ms per million elements at
+        its live width) is added, and the constant is `a0`."""
         from keras_taylor.selection import CostTerms
 
+        terms = self._segment_terms(graph)
+        if not (calibrated and self.calibration):
+            return CostTerms(terms, self.fixed_ms, unit="ms")
+        a0, a1, a2 = (float(c) for c in self.calibration["coef"])
+        terms = [(name, i, o, (lambda cin, cout, f=f: a1 * f(cin, cout))) for name, i, o, f in terms]
+        for name, ids, melems in _residual_terms(graph):
+            terms.append((name, None, ids, lambda cin, cout, k=a2 * melems: k * np.asarray(cout, dtype=np.float64)))
+        return CostTerms(terms, a0, unit="ms")
+
+    def features(self, graph: graph_lib.ChannelGraph, alive: np.ndarray) -> tuple:
+        """`(Σ segment ms, Σ residual Melements)` at the `alive` channel ids: the
+        two width-dependent features of the calibration."""
+        seg = sum(v for _, v in self.cost_terms(graph, calibrated=False).per_term(alive))
+        res = sum(m * float(np.count_nonzero(alive[ids])) for _, ids, m in _residual_terms(graph))
+        return float(seg), float(res)
+
+    def calibrate(self, model: keras.Model, n: int, measure, *, seed: int = 0, low: float = 0.25, high: float = 0.95) -> dict:
+        """Fits the table to whole-model measurements of random prunings of `model`.
+
+        The part of a model outside the segments (Add, Concatenate, pooling
+        outside a segment, per-op dispatch, fusion) is not constant: it
+        shrinks with the channels. This draws `n` random prunings of `model`
+        (`selection.random_flops_removal`, FLOPs kept uniform in
+        [`low`, `high`], every second one aligned to 8), measures them and the
+        dense model with `measure`, and fits
+
+            ms ≈ a0 + a1 · Σ segment predictions + a2 · Σ residual Melements
+
+        by non-negative least squares on the relative error (every row divided
+        by its measurement); `Σ residual Melements` counts, at the kept
+        widths, the elements of every tensor read or written by a layer that
+        is not part of a segment (`_residual_terms`). Sets and returns
+        `self.calibration` (`{"coef", "points", "fit_median_abs_err",
+        "fit_worst_abs_err"}`).
+
+        Args:
+            model: the model the table was measured on.
+            n: number of random prunings (>= 2).
+            measure: callable `{name: keras.Model} -> {name: ms}` (all timed
+                together); `measure` builds it for the table's runtime.
+            seed: seed of the prunings.
+            low, high: range of the FLOPs kept.
+        """
+        from scipy.optimize import nnls
+
+        from keras_taylor import selection
+        from keras_taylor.plan import PruningPlan
+        from keras_taylor.surgery import apply_plan
+
+        if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+            raise ValueError(f"Expected n to be an integer >= 2. Received: n={n!r}")
+        graph = graph_lib.analyze(model, on_unknown="freeze")
+        rng = np.random.default_rng([int(seed), 7919])
+        models, feats = {"dense": model}, {"dense": self.features(graph, graph.alive_ids(()))}
+        keys = {"dense": ""}
+        for i in range(n):
+            removed = selection.random_flops_removal(graph, float(rng.uniform(low, high)), rng, multiple=8 if i % 2 else None)
+            models[f"c{i}"] = apply_plan(model, PruningPlan.from_groups(graph, removed))
+            feats[f"c{i}"] = self.features(graph, graph.alive_ids(removed))
+            keys[f"c{i}"] = removal_key(removed)
+        ms = measure(models)
+        x = np.array([[1.0, *feats[k]] for k in models])
+        y = np.array([ms[k] for k in models])
+        coef, _ = nnls(x / y[:, None], np.ones_like(y))
+        err = np.abs(x @ coef / y - 1.0)
+        self.calibration = {
+            "coef": [float(c) for c in coef],
+            "points": [
+                {"name": k, "removed_key": keys[k], "segments_ms": feats[k][0], "residual_melems": feats[k][1], "ms": float(ms[k])}
+                for k in models
+            ],
+            "fit_median_abs_err": float(np.median(err)), "fit_worst_abs_err": float(err.max()),
+        }
+        return self.calibration
+
+    def _segment_terms(self, graph: graph_lib.ChannelGraph) -> list:
         terms, seen = [], set()
         for n in graph.nodes:
             if n.handler is None or not n.handler.creates_channels or n.name in seen:
@@ -411,7 +546,7 @@ class LatencyTable:
             e = self.layers[n.name]
             in_ids = n.in_maps[0] if e["in_widths"] else None
             terms.append((n.name, in_ids, n.out_maps[0], lambda cin, cout, name=n.name: self.layer_ms(name, cin, cout)))
-        return CostTerms(terms, self.fixed_ms, unit="ms")
+        return terms
 
     def per_layer(self, model: keras.Model) -> dict:
         """`{layer name: predicted ms}` of `model` (gated: live channels only)."""
@@ -420,11 +555,15 @@ class LatencyTable:
 
         graph = graph_lib.analyze(model, on_unknown="freeze")
         removed = removed_groups_from_gates(model, graph) if is_gated(model) else ()
-        return dict(self.cost_terms(graph).per_term(graph.alive_ids(removed)))
+        out: dict = {}
+        for name, v in self.cost_terms(graph).per_term(graph.alive_ids(removed)):
+            out[name] = out.get(name, 0.0) + v
+        return out
 
     def predict(self, model: keras.Model) -> float:
         """Predicted latency (ms) of `model`: the measured model or a pruned/gated version."""
-        return self.fixed_ms + float(sum(self.per_layer(model).values()))
+        constant = float(self.calibration["coef"][0]) if self.calibration else self.fixed_ms
+        return constant + float(sum(self.per_layer(model).values()))
 
     # ---- serialization ---------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -432,13 +571,14 @@ class LatencyTable:
             "format": FORMAT, "model_name": self.model_name, "runtime": self.runtime,
             "batch_size": self.batch_size, "device": self.device, "versions": self.versions,
             "fixed_ms": self.fixed_ms, "full_ms": self.full_ms, "layers": self.layers,
+            "calibration": self.calibration, "threads": self.threads,
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> "LatencyTable":
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise ValueError(f"Expected a latency table dict with format={FORMAT!r}. Received: {str(d)[:200]!r}")
-        return cls(d["layers"], d["fixed_ms"], d["full_ms"], d["runtime"], d["batch_size"], d["device"], d["versions"], d.get("model_name", ""))
+        return cls(d["layers"], d["fixed_ms"], d["full_ms"], d["runtime"], d["batch_size"], d["device"], d["versions"], d.get("model_name", ""), d.get("calibration"), d.get("threads"))
 
     def save(self, path: str) -> None:
         with open(path, "w") as f:
@@ -448,6 +588,30 @@ class LatencyTable:
     def load(cls, path: str) -> "LatencyTable":
         with open(path) as f:
             return cls.from_dict(json.load(f))
+
+
+def _runtime_timer(runtime, batch_size, threads, rounds, rng, overhead=0.0):
+    """`{name: model} -> {name: ms}`: the models run on `runtime`, timed
+    together in interleaved rounds (minimum of per-round means, the runtime's
+    per-call `overhead` subtracted) — what the table's entries are."""
+
+    built: dict = {}  # id(model) -> (model, runner): a model timed again is not converted again
+
+    def measure(models: dict) -> dict:
+        runners = {}
+        for k, m in models.items():
+            if id(m) not in built:
+                built[id(m)] = (m, _runner(m, runtime, batch_size, rng, threads))
+            runners[k] = built[id(m)][1]
+        return {k: max(v - overhead, 1e-9) for k, v in _time(runners, rounds, rng).items()}
+
+    return measure
+
+
+def removal_key(removed) -> str:
+    """A short digest of a set of removed groups (calibration points carry it,
+    so that an evaluation can check it uses other prunings)."""
+    return _hash(",".join(str(g) for g in sorted(int(g) for g in removed)))
 
 
 def _hash(text: str) -> str:
@@ -514,3 +678,106 @@ class _Cache:
             json.dump(self.data, f)
         os.replace(tmp, self.path)
         self.dirty = False
+
+
+def plan_for_latency(
+    model: keras.Model,
+    scores,
+    table: LatencyTable,
+    target: float,
+    *,
+    measure=None,
+    tolerance: float = 0.02,
+    iterations: int = 4,
+    rounds: int = 21,
+    **knapsack_kwargs,
+) -> tuple:
+    """Plans a pruning of `model` whose *measured* latency is `target` × the dense one.
+
+    A closed loop around the knapsack: plan with
+    `selection.knapsack_plan(graph, scores, table, budget)`, build the pruned
+    model (`apply_plan`), measure it beside the dense model on the runtime,
+    and, if the measured ratio misses `target` by more than `tolerance`, move
+    the predicted budget by the ratio of target to measurement
+    (`budget ← predicted · target / measured`, kept inside the bracket of
+    budgets already seen to land under and over the target; bisection of that
+    bracket when the new budget gives a plan already measured) and plan again
+    — at most `iterations` measured plans. The table's prediction sets the
+    first budget, so a good table needs one measurement; each further one
+    costs one conversion and timing of a pruned model (and of the dense model
+    beside it, for the ratio; the default `measure` converts each model once).
+
+    Args:
+        model: the dense model (the one `table` was measured on).
+        scores: one importance per channel group of `kt.analyze(model)`
+            (higher = more important).
+        table: a `LatencyTable` of `model`.
+        target: the measured latency ratio wanted, in (0, 1].
+        measure: callable `{name: keras.Model} -> {name: ms}` timing the
+            models together. Defaults to the table's runtime, batch size and
+            threads, interleaved rounds, minimum of per-round means.
+        tolerance: stop when |measured ratio − target| ≤ this.
+        iterations: most plans (and measurements of pruned models).
+        rounds: interleaved timing rounds of the default `measure`.
+        **knapsack_kwargs: passed to `selection.knapsack_plan`
+            (`min_channels`, `channel_multiple`, ...).
+
+    Returns:
+        `(plan, history)`: the plan whose measured ratio is closest to
+        `target` (among those within `tolerance` the one with the most
+        importance kept, i.e. the first found), and one record per iteration
+        with `budget_fraction`, `predicted_fraction`, `measured_fraction`,
+        `dense_ms`, `pruned_ms`.
+
+    Raises:
+        ValueError: for a `target` outside (0, 1], bad `iterations` or
+            `tolerance`, or a `table` without `cost_terms`.
+    """
+    from keras_taylor import selection
+    from keras_taylor.plan import PruningPlan
+    from keras_taylor.surgery import apply_plan
+
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0.0 < float(target) <= 1.0:
+        raise ValueError(f"Expected target in (0, 1]. Received: target={target!r}")
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"Expected iterations to be an integer >= 1. Received: iterations={iterations!r}")
+    if not isinstance(tolerance, (int, float)) or isinstance(tolerance, bool) or tolerance < 0:
+        raise ValueError(f"Expected tolerance to be a number >= 0. Received: tolerance={tolerance!r}")
+    if not callable(getattr(table, "cost_terms", None)):
+        raise ValueError(f"Expected table to be a keras_taylor.LatencyTable. Received: table={table!r}")
+    graph = graph_lib.analyze(model, on_unknown="freeze")
+    terms = selection.cost_terms(graph, table)
+    dense_pred = terms.evaluate(graph.alive_ids(()))
+    if measure is None:
+        measure = _runtime_timer(table.runtime, table.batch_size, table.threads, rounds, np.random.default_rng(0))
+    budget, lo, hi = float(target), 0.0, 1.0  # budgets known to land under / over the target
+    history, best, seen = [], None, {}
+    for _ in range(4 * iterations):  # knapsack calls; a plan met before is not measured again
+        if len(history) >= iterations or hi - lo < 1e-4:
+            break
+        removed = selection.knapsack_removal(graph, scores, terms, budget * dense_pred, **knapsack_kwargs)
+        key = removal_key(removed)
+        if key in seen:
+            measured = seen[key]
+            lo, hi = (lo, min(hi, budget)) if measured > target else (max(lo, budget), hi)
+            budget = 0.5 * (lo + hi)  # the step was too small to change the plan: bisect the bracket
+            continue
+        plan = PruningPlan.from_groups(graph, removed)
+        pruned = apply_plan(model, plan)
+        ms = measure({"dense": model, "pruned": pruned})
+        measured = seen[key] = ms["pruned"] / ms["dense"]
+        predicted = terms.evaluate(graph.alive_ids(removed)) / dense_pred
+        history.append({
+            "budget_fraction": budget, "predicted_fraction": predicted, "measured_fraction": measured,
+            "dense_ms": ms["dense"], "pruned_ms": ms["pruned"], "groups_removed": len(removed),
+        })
+        if best is None or abs(measured - target) < abs(best[1] - target):
+            best = (plan, measured)
+        if abs(measured - target) <= tolerance:
+            break
+        lo, hi = (lo, min(hi, budget)) if measured > target else (max(lo, budget), hi)
+        # Secant on the measured/predicted ratio, kept inside the bracket.
+        budget = predicted * target / measured
+        if not lo < budget < hi:
+            budget = 0.5 * (lo + hi)
+    return best[0], history

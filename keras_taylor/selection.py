@@ -145,6 +145,40 @@ def random_removal(graph: graph_lib.ChannelGraph, fraction: float, rng, *, min_c
     return set(taken)
 
 
+def random_flops_removal(
+    graph: graph_lib.ChannelGraph, target: float, rng, *, multiple: int | None = None, min_channels: int = 1
+) -> set:
+    """A random pruning keeping about `target` of the dense FLOPs.
+
+    Groups are taken in a random order (`greedy_removal` on random scores,
+    every layer keeping `min_channels`); the shortest prefix of that order at
+    or under `target` is kept (bisection). With `multiple`, the set is then
+    aligned (`align_to_target`, same random ranking). Used to calibrate
+    latency tables and to test their predictions."""
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0.0 < float(target) <= 1.0:
+        raise ValueError(f"Expected target in (0, 1]. Received: target={target!r}")
+    from keras_taylor.flops import CostModel
+
+    cost = CostModel(graph)
+    full = cost.evaluate(graph.alive_ids(()))[0]
+    scores = rng.uniform(size=graph.num_groups)
+    order, _ = greedy_removal(graph, scores, min_channels=min_channels)
+    lo, hi = 0, len(order)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if cost.evaluate(graph.alive_ids(order[:mid]))[0] <= target * full:
+            hi = mid
+        else:
+            lo = mid + 1
+    removed = set(order[:hi])
+    if multiple and multiple > 1:
+        removed = align_to_target(
+            graph, removed, scores, multiple, lambda r: cost.evaluate(graph.alive_ids(r))[0] / full, target,
+            min_channels=min_channels,
+        )
+    return removed
+
+
 # ---- additive cost models -----------------------------------------------------
 class CostTerms:
     """An additive cost: `constant + Σ_t f_t(cin_t, cout_t)`.

@@ -1,5 +1,7 @@
 """keras_taylor.LatencyTable: measured per-layer latency, its cache, and pruning to it."""
 
+import json
+
 import keras
 import numpy as np
 import pytest
@@ -55,24 +57,24 @@ def test_interpolation_is_a_staircase_across_alignment_steps():
 def test_measure_tf_caches_and_invalidates(tmp_path, monkeypatch):
     calls = _count_measurements(monkeypatch)
     model = tiny()
-    table = kt.LatencyTable.measure(model, runtime="tf", rounds=2, cache_dir=str(tmp_path), verbose=0)
+    table = kt.LatencyTable.measure(model, runtime="tf", rounds=2, calibrate=0, cache_dir=str(tmp_path), verbose=0)
     assert sorted(calls) == ["c0", "c1", "head"]
     assert table.predict(model) == pytest.approx(table.full_ms)
     assert table.layers["c0"]["in_widths"] == []  # RGB input: never pruned
     assert table.layers["head"]["out_widths"] == []  # logits: never pruned
     assert table.layers["c1"]["out_widths"] == [8, 16]
     # Second call: nothing measured, same table.
-    again = kt.LatencyTable.measure(model, runtime="tf", rounds=2, cache_dir=str(tmp_path), verbose=0)
+    again = kt.LatencyTable.measure(model, runtime="tf", rounds=2, calibrate=0, cache_dir=str(tmp_path), verbose=0)
     assert sorted(calls) == ["c0", "c1", "head"]
     assert again.to_dict() == table.to_dict()
     # Saved and loaded.
     table.save(str(tmp_path / "t.json"))
     assert kt.LatencyTable.load(str(tmp_path / "t.json")).to_dict() == table.to_dict()
     # A changed layer is measured again (and the layer it feeds: its input shape changed), the rest not.
-    kt.LatencyTable.measure(tiny(filters=24), runtime="tf", rounds=2, cache_dir=str(tmp_path), verbose=0)
+    kt.LatencyTable.measure(tiny(filters=24), runtime="tf", rounds=2, calibrate=0, cache_dir=str(tmp_path), verbose=0)
     assert sorted(calls[3:]) == ["c0", "c1"]
     # Another runtime: everything again.
-    kt.LatencyTable.measure(model, runtime="tflite", rounds=2, cache_dir=str(tmp_path), verbose=0)
+    kt.LatencyTable.measure(model, runtime="tflite", rounds=2, calibrate=0, cache_dir=str(tmp_path), verbose=0)
     assert sorted(calls[5:]) == ["c0", "c1", "head"]
 
 
@@ -82,9 +84,9 @@ def test_measure_other_runtimes_predict_pruned_models(tmp_path, runtime):
         pytest.importorskip("onnxruntime")
         pytest.importorskip("tf2onnx")
     model = tiny()
-    table = kt.LatencyTable.measure(model, runtime=runtime, rounds=3, threads=1, cache_dir=str(tmp_path), verbose=0)
+    table = kt.LatencyTable.measure(model, runtime=runtime, rounds=3, threads=1, calibrate=2, cache_dir=str(tmp_path), verbose=0)
     assert "threads 1" in table.versions
-    assert table.runtime == runtime and table.full_ms > 0
+    assert table.runtime == runtime and table.full_ms > 0 and table.calibration["coef"][0] >= 0
     graph = kt.analyze(model)
     scores = np.random.default_rng(0).uniform(size=graph.num_groups)
     removed = selection.random_removal(graph, 0.6, np.random.default_rng(0))
@@ -96,7 +98,7 @@ def test_measure_other_runtimes_predict_pruned_models(tmp_path, runtime):
     assert terms.evaluate(graph.alive_ids(removed)) == pytest.approx(pred)
     # Monotone-ish: every channel removed never predicts more than the dense model by much.
     small = selection.greedy_removal(graph, scores)[0]
-    assert terms.evaluate(graph.alive_ids(small)) <= 1.5 * table.full_ms
+    assert terms.evaluate(graph.alive_ids(small)) <= 1.5 * table.predict(model)
 
 
 def test_bad_input(tmp_path):
@@ -184,3 +186,87 @@ def test_cli_latency_table_and_prune_flags(tmp_path, monkeypatch, capsys):
                                        "--target-flops", "0.5", "--target-latency", "0.5"])
     args = cli.build_parser().parse_args(["prune", path, "--data", "x.npz", "--epochs", "1", "--target-latency", "0.5"])
     assert args.target_latency == 0.5 and args.target_flops is None and args.runtime == "tflite"
+
+
+def _true_ms(table, model, coef):
+    """A fake runtime: latency = a0 + a1·Σ segments + a2·Σ residual Melements."""
+    graph = kt.analyze(model, on_unknown="freeze")
+    seg, res = table.features(graph, graph.alive_ids(()))
+    return coef[0] + coef[1] * seg + coef[2] * res
+
+
+def test_calibration_recovers_known_coefficients():
+    model = make("residual")
+    table = synthetic_table(model)
+    graph = kt.analyze(model)
+    assert lt._residual_terms(graph)  # the residual model's Adds are outside every segment
+    coef = (3.0, 0.25, 40.0)
+    seen = []
+
+    def fake(models):
+        seen.append(sorted(models))
+        return {k: _true_ms(table, m, coef) for k, m in models.items()}
+
+    cal = table.calibrate(model, 6, fake, seed=1)
+    assert len(seen) == 1 and seen[0][0] == "c0" and "dense" in seen[0]  # one measurement, all models together
+    np.testing.assert_allclose(cal["coef"], coef, rtol=1e-6)
+    assert cal["fit_worst_abs_err"] < 1e-9
+    # The calibrated prediction is the fake runtime on models it did not see.
+    removed = selection.random_flops_removal(graph, 0.5, np.random.default_rng(99))
+    assert lt.removal_key(removed) not in {p["removed_key"] for p in cal["points"]}
+    pruned = kt.apply_plan(model, kt.PruningPlan.from_groups(graph, removed))
+    assert table.predict(pruned) == pytest.approx(_true_ms(table, pruned, coef))
+    # ... and the knapsack's additive terms say the same on the dense graph.
+    assert table.cost_terms(graph).evaluate(graph.alive_ids(removed)) == pytest.approx(table.predict(pruned))
+    # Round trip keeps the calibration.
+    again = kt.LatencyTable.from_dict(json.loads(json.dumps(table.to_dict())))
+    assert again.calibration == table.calibration and again.predict(pruned) == pytest.approx(table.predict(pruned))
+    # profile sums to the same total (the Adds get rows of their own).
+    prof = kt.profile(pruned, latency=table)
+    assert prof.latency_ms == pytest.approx(table.predict(pruned))
+    with pytest.raises(ValueError, match="n to be an integer"):
+        table.calibrate(model, 1, fake)
+
+
+def test_measure_calibrates_and_caches_the_calibration(tmp_path, monkeypatch):
+    model = tiny()
+    table = kt.LatencyTable.measure(model, runtime="tf", rounds=2, calibrate=2, cache_dir=str(tmp_path), verbose=0)
+    cal = table.calibration
+    assert cal is not None and len(cal["coef"]) == 3 and all(c >= 0 for c in cal["coef"])
+    assert [p["name"] for p in cal["points"]] == ["dense", "c0", "c1"]
+    calls = []
+    monkeypatch.setattr(kt.LatencyTable, "calibrate", lambda *a, **k: calls.append(1))
+    again = kt.LatencyTable.measure(model, runtime="tf", rounds=2, calibrate=2, cache_dir=str(tmp_path), verbose=0)
+    assert calls == [] and again.to_dict() == table.to_dict()
+    assert kt.LatencyTable.measure(model, runtime="tf", rounds=2, calibrate=0, cache_dir=str(tmp_path), verbose=0).calibration is None
+    table.save(str(tmp_path / "t.json"))
+    assert kt.LatencyTable.load(str(tmp_path / "t.json")).calibration == cal
+    with pytest.raises(ValueError, match="calibrate"):
+        kt.LatencyTable.measure(model, calibrate=-1, cache_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize("name,target", [("plain", 0.5), ("residual", 0.65)])
+def test_closed_loop_converges_on_a_fake_runtime(name, target):
+    model = make(name)
+    table = synthetic_table(model)
+    # The runtime disagrees with the table: half its segment cost, plus a large fixed cost.
+    coef = (0.15 * table.full_ms, 0.6, 0.0)
+    calls = []
+
+    def fake(models):
+        calls.append(sorted(models))
+        return {k: _true_ms(table, m, coef) for k, m in models.items()}
+
+    graph = kt.analyze(model)
+    scores = np.random.default_rng(0).uniform(size=graph.num_groups)
+    plan, history = kt.plan_for_latency(model, scores, table, target, measure=fake, tolerance=0.02, iterations=6)
+    assert 1 < len(history) <= 6 and len(calls) == len(history)
+    assert abs(history[0]["measured_fraction"] - target) > 0.02  # the table alone misses...
+    pruned = kt.apply_plan(model, plan)
+    measured = _true_ms(table, pruned, coef) / _true_ms(table, model, coef)
+    assert abs(measured - target) <= 0.02  # ... the loop does not
+    assert measured == pytest.approx(history[-1]["measured_fraction"])  # it stops at the first plan within tolerance
+    with pytest.raises(ValueError, match="target"):
+        kt.plan_for_latency(model, scores, table, 1.5, measure=fake)
+    with pytest.raises(ValueError, match="LatencyTable"):
+        kt.plan_for_latency(model, scores, "flops", 0.5, measure=fake)

@@ -203,6 +203,30 @@ def test_random_removal_keeps_a_channel_everywhere():
         assert len(removed) >= 1
 
 
+def test_random_flops_removal_lands_at_or_under_the_target():
+    inp = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(32, 3, padding="same", name="c0")(inp)
+    x = keras.layers.Conv2D(24, 3, padding="same", name="c1")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inp, keras.layers.Dense(3)(x))
+    graph = kt.analyze(model)
+    terms = selection.cost_terms(graph, "flops")
+    full = terms.evaluate(graph.alive_ids(()))
+    for seed, target in enumerate((0.9, 0.6, 0.3)):
+        removed = selection.random_flops_removal(graph, target, np.random.default_rng(seed))
+        got = terms.evaluate(graph.alive_ids(removed)) / full
+        assert got <= target and got > target - 0.1  # the shortest prefix at or under: close to it
+        aligned = selection.random_flops_removal(graph, target, np.random.default_rng(seed), multiple=8)
+        assert terms.evaluate(graph.alive_ids(aligned)) / full <= target
+        widths = _widths(graph, aligned)
+        assert widths["c0"] % 8 == 0 and widths["c1"] % 8 == 0, widths
+    # Different seeds give different prunings; the same seed the same one.
+    a, b = (selection.random_flops_removal(graph, 0.5, np.random.default_rng(s)) for s in (1, 2))
+    assert a != b and a == selection.random_flops_removal(graph, 0.5, np.random.default_rng(1))
+    with pytest.raises(ValueError, match="target"):
+        selection.random_flops_removal(graph, 0.0, np.random.default_rng(0))
+
+
 def test_group_index_matches_graph():
     graph = kt.analyze(_mlp(widths=(5, 5), residual=True))
     index = graph.group_index
