@@ -33,6 +33,12 @@ key/value group) one channel group of the analysis (`keras_taylor.graph`):
 - **Cost**: `attention_cost` counts the projections plus `QKᵀ` and `AV`
   multiply–accumulates, so `keras_taylor.profile` and the FLOPs target see
   what a head costs.
+- **Embedding width (opt-in, `prune_embedding`)**: the residual stream's
+  channels become one group across the patch embedding, `ClassTokenPosition`,
+  every `Add`, every `LayerNormalization` (gated by `NormGate`, which
+  normalises over the live channels so that surgery equals masking), the
+  query/key/value and MLP inputs, the attention output projections, the MLP
+  outputs and the head (NViT's embedding group).
 
 References:
     Michel, Levy, Neubig. "Are Sixteen Heads Really Better than One?"
