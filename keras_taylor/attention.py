@@ -201,10 +201,13 @@ class AttentionHandler(handlers_lib.LayerHandler):
             ctx.fix(in_maps[q], f"is the query of {layer.name!r} (GroupQueryAttention), whose output width follows it")
         heads = ctx.new_ids(sum(self.segments(layer)))
         h, nv, nq = self.segments(layer)
-        if nv or nq:
+        if nv or nq or self.prunes_output(layer):
             # Keep one slot of each kind, so that no kind can empty the layer
-            # while another is left (every head, or every value or QK dim).
-            ctx.fix(heads[[0, h, h + nv]], f"is kept so that {layer.name!r} keeps a head, a value and a key dimension")
+            # while another is left (every head, or every value or QK dim; with
+            # the output channels in the gate, a layer with output channels
+            # left would not count as emptied by losing every head).
+            keep = [0, h, h + nv] if nv or nq else [0]
+            ctx.fix(heads[keep], f"is kept so that {layer.name!r} keeps a head, a value and a key dimension")
         outs = []
         for i, s in enumerate(out_shapes):
             ids = ctx.new_ids(s[-1] if len(s) > 1 else 1)

@@ -581,9 +581,12 @@ def test_embedding_is_one_group_across_the_stream(embedding):
     assert len(emb) == 8 and (emb >= 0).all() and len(set(emb.tolist())) == 8
     for name in ("tokens", "block0_ln1", "block1_mlp2", "final_ln", "block0_add1", "block1_add2"):
         np.testing.assert_array_equal(graph.group_of_comp[graph.comp_of[graph.first_node(name).out_maps[0]]], emb)
-    # An attention layer's gate slots: its 4 heads, then its 8 output (embedding) channels.
-    np.testing.assert_array_equal(graph.groups_of_layer_output("block0_attn")[4:], emb)
-    assert graph.num_groups == 8 + 2 * (4 + 6)
+    # An attention layer's gate slots: its 4 heads, then its 8 output (embedding) channels;
+    # head 0 is kept, so that no plan empties the heads while output channels remain.
+    slots = graph.groups_of_layer_output("block0_attn")
+    np.testing.assert_array_equal(slots[4:], emb)
+    assert slots[0] < 0 and (slots[1:4] >= 0).all()
+    assert graph.num_groups == 8 + 2 * (3 + 6)
     assert set(STREAM) <= set(graph.gate_sites)
     gated = kt.add_gates(model)
     assert [type(gated.get_layer(n)).__name__ for n in ("block0_ln1", "final_ln")] == ["NormGate", "NormGate"]
@@ -756,3 +759,20 @@ def test_embedding_score_matches_independent_tape(embedding):
     scores, n = pruner._scorer.read()
     assert n == steps and ref.min() > 0
     np.testing.assert_allclose(scores[emb], ref, rtol=1e-5, atol=1e-6 * ref.max())
+
+
+@pytest.mark.slow
+def test_taylor_pruning_with_embedding_groups_ends_exact(embedding, tmp_path):
+    model = tiny_vit()
+    gated = kt.add_gates(model)
+    gated.compile(optimizer=keras.optimizers.SGD(0.01), loss=LOSS)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 8, 8, 1)).astype("float32")
+    y = rng.integers(0, 3, 64)
+    pruner = kt.TaylorPruning(target=0.4, prune_every=2, channels_per_step=2, criterion=kt.attention.PerFlop(power=0.5))
+    gated.fit(x, y, batch_size=8, epochs=4, verbose=0, callbacks=[pruner])
+    assert pruner.done
+    pruned = kt.prune(gated)
+    assert kt.profile(pruned).flops <= 0.4 * kt.profile(model).flops
+    assert min(pruned.get_layer(f"block{b}_attn").num_heads for b in range(2)) >= 1
+    assert rel_err(pruned(x[:4]), gated(x[:4])) <= 1e-5
