@@ -1,7 +1,9 @@
 """A small ViT on Fashion-MNIST, pruned to 50% FLOPs with Taylor scores while
-fine-tuning: heads + MLP units vs MLP units only (heads frozen).
+fine-tuning: MLP units only, heads + MLP units, heads + MLP units + embedding
+width, and a dense ViT of about half the FLOPs trained as long (control).
 
-    python benchmarks/vit_pruning.py            # ≈10 min on 2 busy CPU cores
+    python benchmarks/vit_pruning.py --seed 0 --variants mlp_only,heads+mlp_abs_per_flop,heads+mlp+emb,control \
+        --out benchmarks/results/vit_pruning_seed0.json
     python benchmarks/vit_pruning.py --quick    # smoke run, ≈1 min
 
 One dense ViT (`keras_taylor.models.vit`: 7×7 patches, width 64, 4 pre-norm
@@ -14,7 +16,12 @@ training continues for the same number of epochs and with the same data order:
   what keras_taylor did before attention layers had a handler;
 - `heads+mlp_per_flop`: heads and MLP units ranked by Taylor score per FLOP
   (`keras_taylor.attention.PerFlop`);
-- `heads+mlp_abs_per_flop`: ranked by `|∂L/∂m|` per FLOP (`PerFlop(power=0.5)`).
+- `heads+mlp_abs_per_flop`: ranked by `|∂L/∂m|` per FLOP (`PerFlop(power=0.5)`);
+- `heads+mlp+emb`: the same ranking, with the embedding (residual-stream)
+  width as one more group kind (`keras_taylor.attention.prune_embedding`);
+- `control`: a dense ViT (width 48, 4 heads of 12, MLP 152: ≈ half the FLOPs)
+  trained from scratch for `dense_epochs + prune_epochs` epochs with the same
+  optimiser schedule (the equal-budget baseline).
 
 Top-1 on the 10,000 test images, FLOPs (MACs, attention `QKᵀ`/`AV` included),
 params and CPU latency (`keras_taylor.latency`, interleaved) go to
@@ -75,6 +82,28 @@ def evaluate(model, x, y) -> float:
     return float(np.mean(np.argmax(logits, axis=-1) == y))
 
 
+def _control(args, x_tr, y_tr, x_te, y_te, base):
+    """A dense ViT of about half the FLOPs, trained as long as the pruned ones
+    (same epochs, batch, optimiser and learning-rate switch)."""
+    keras.utils.set_random_seed(args.seed)
+    model = kt.models.vit(input_shape=(28, 28, 1), patch_size=7, dim=48, depth=4, num_heads=4, key_dim=12, mlp_dim=152)
+    t0 = time.time()
+    for lr, epochs in ((1e-3, args.dense_epochs), (5e-4, args.prune_epochs)):
+        model.compile(optimizer=keras.optimizers.Adam(lr), loss=LOSS, metrics=["accuracy"])
+        model.fit(x_tr, y_tr, batch_size=args.batch_size, epochs=epochs, verbose=2)
+    prof = kt.profile(model)
+    run = {
+        "model": "kt.models.vit(dim 48, depth 4, heads 4, key_dim 12, mlp 152), trained from scratch",
+        "top1": evaluate(model, x_te, y_te),
+        "flops": prof.flops,
+        "params": prof.params,
+        "flops_ratio": prof.flops / base.flops,
+        "params_ratio": prof.params / base.params,
+        "train_seconds": time.time() - t0,
+    }
+    return run, model
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--train_subset", type=int, default=20000)
@@ -83,8 +112,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--prune_every", type=int, default=10)
     p.add_argument("--channels_per_step", type=int, default=32)
-    p.add_argument("--variants", default="heads+mlp,mlp_only,heads+mlp_per_flop",
-                   help="comma-separated subset of heads+mlp, mlp_only, heads+mlp_per_flop, heads+mlp_abs_per_flop")
+    p.add_argument("--variants", default="mlp_only,heads+mlp_abs_per_flop,heads+mlp+emb,control",
+                   help="comma-separated subset of heads+mlp, mlp_only, heads+mlp_per_flop, heads+mlp_abs_per_flop, heads+mlp+emb, control")
+    p.add_argument("--seed", type=int, default=0, help="weights and data order (the training subset is fixed)")
     p.add_argument("--quick", action="store_true", help="tiny smoke run")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "vit_pruning.json"))
     args = p.parse_args(argv)
@@ -92,7 +122,7 @@ def main(argv=None) -> int:
         args.train_subset, args.dense_epochs, args.prune_epochs = 2048, 1, 1
     started = time.time()
     load = os.getloadavg()
-    keras.utils.set_random_seed(0)
+    keras.utils.set_random_seed(args.seed)
     (x_tr, y_tr), (x_te, y_te) = datasets.load_fashion_mnist()
     rng = np.random.default_rng(0)
     idx = rng.permutation(len(x_tr))[: args.train_subset]
@@ -119,16 +149,22 @@ def main(argv=None) -> int:
     }
     pruned_models = {"dense": model}
     variants = args.variants.split(",")
-    unknown = set(variants) - {"heads+mlp", "mlp_only", "heads+mlp_per_flop", "heads+mlp_abs_per_flop"}
+    known = {"heads+mlp", "mlp_only", "heads+mlp_per_flop", "heads+mlp_abs_per_flop", "heads+mlp+emb", "control"}
+    unknown = set(variants) - known
     if unknown:
-        raise ValueError(f"Expected variants among heads+mlp, mlp_only, heads+mlp_per_flop. Received: {sorted(unknown)}")
+        raise ValueError(f"Expected variants among {sorted(known)}. Received: {sorted(unknown)}")
     for variant in variants:
-        keras.utils.set_random_seed(1)  # same data order for every variant
+        if variant == "control":
+            results["runs"][variant], pruned_models[variant] = _control(args, x_tr, y_tr, x_te, y_te, base)
+            continue
+        keras.utils.set_random_seed(args.seed + 1)  # same data order for every variant
+        kt.attention.prune_embedding(variant == "heads+mlp+emb")
         gated = kt.add_gates(model)
         criterion = {
             "heads+mlp": "taylor_fo_bn",
             "heads+mlp_per_flop": kt.attention.PerFlop("taylor_fo_bn"),
             "heads+mlp_abs_per_flop": kt.attention.PerFlop("taylor_fo_bn", power=0.5),
+            "heads+mlp+emb": kt.attention.PerFlop("taylor_fo_bn", power=0.5),
         }.get(variant) or HeadsLast(_head_groups(gated))
         pruner = kt.TaylorPruning(
             target=0.5, metric="flops", prune_every=args.prune_every,
@@ -139,6 +175,7 @@ def main(argv=None) -> int:
         gated.fit(x_tr, y_tr, batch_size=args.batch_size, epochs=args.prune_epochs, verbose=2, callbacks=[pruner])
         seconds = time.time() - t0
         pruned = kt.prune(gated)
+        kt.attention.prune_embedding(False)
         prof = kt.profile(pruned)
         heads = {l.name: int(l.num_heads) for l in pruned.layers if isinstance(l, keras.layers.MultiHeadAttention)}
         mlp = {l.name: int(l.units) for l in pruned.layers if l.name.endswith("_mlp1")}
@@ -152,6 +189,7 @@ def main(argv=None) -> int:
             "params_ratio": prof.params / base.params,
             "heads_left": heads,
             "mlp_units_left": mlp,
+            "embedding_width": int(pruned.get_layer("patch_embed").filters),
             "pruning_steps": len(events),
             "done_at_minibatch": events[-1].get("step") if events else None,
             "train_seconds": seconds,
@@ -162,6 +200,7 @@ def main(argv=None) -> int:
         lat[str(batch)] = latency.measure_latency(pruned_models, batch_size=batch, rounds=5 if args.quick else 15)
     results["latency_ms"] = lat
     results["total_seconds"] = time.time() - started
+    results["load_average_at_end"] = os.getloadavg()
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)

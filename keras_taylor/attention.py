@@ -33,6 +33,12 @@ key/value group) one channel group of the analysis (`keras_taylor.graph`):
 - **Cost**: `attention_cost` counts the projections plus `QKᵀ` and `AV`
   multiply–accumulates, so `keras_taylor.profile` and the FLOPs target see
   what a head costs.
+- **Embedding width (opt-in, `prune_embedding`)**: the residual stream's
+  channels become one group across the patch embedding, `ClassTokenPosition`,
+  every `Add`, every `LayerNormalization` (gated by `NormGate`, which
+  normalises over the live channels so that surgery equals masking), the
+  query/key/value and MLP inputs, the attention output projections, the MLP
+  outputs and the head (NViT's embedding group).
 
 References:
     Michel, Levy, Neubig. "Are Sixteen Heads Really Better than One?"
@@ -122,10 +128,22 @@ class AttentionHandler(handlers_lib.LayerHandler):
     needs_gate = True
     gate_wrapper = None  # set to `HeadGate` below
 
-    def __init__(self, head_dims: bool = False):
-        if not isinstance(head_dims, bool):
-            raise TypeError(f"Expected head_dims to be a bool. Received: head_dims={head_dims!r}")
+    def __init__(self, head_dims: bool = False, embedding: bool = False):
+        for name, value in (("head_dims", head_dims), ("embedding", embedding)):
+            if not isinstance(value, bool):
+                raise TypeError(f"Expected {name} to be a bool. Received: {name}={value!r}")
         self.head_dims = head_dims
+        self.embedding = embedding
+
+    def prunes_output(self, layer) -> bool:
+        """Whether the layer's output channels are prunable and gated: with
+        `embedding=True`, for a `MultiHeadAttention` whose output projection
+        makes one channel axis (GQA's output width follows its query's)."""
+        return (
+            self.embedding
+            and not _is_gqa(layer)
+            and len(_parts(layer)["output"].kernel.shape) == 3
+        )
 
     def segments(self, layer) -> tuple:
         """`(heads, value dims, query/key dims)`: the gate slots of each kind.
@@ -142,7 +160,10 @@ class AttentionHandler(handlers_lib.LayerHandler):
         return info["kv_heads"], 0, 0
 
     def num_gates(self, layer) -> int:
-        return sum(self.segments(layer))
+        """Gate slots: heads (+ value and QK dims), then the output channels
+        when `prunes_output` (they belong to the embedding group)."""
+        out = int(_parts(layer)["output"].kernel.shape[-1]) if self.prunes_output(layer) else 0
+        return sum(self.segments(layer)) + out
 
     def gate_needed(self, layer) -> bool:
         return True
@@ -178,33 +199,47 @@ class AttentionHandler(handlers_lib.LayerHandler):
                 ctx.fix(m, f"is not the query, key or value of {layer.name!r} ({type(layer).__name__})")
         if _is_gqa(layer):  # its output width is its query width
             ctx.fix(in_maps[q], f"is the query of {layer.name!r} (GroupQueryAttention), whose output width follows it")
-        heads = ctx.new_ids(self.num_gates(layer))
+        heads = ctx.new_ids(sum(self.segments(layer)))
         h, nv, nq = self.segments(layer)
-        if nv or nq:
+        if nv or nq or self.prunes_output(layer):
             # Keep one slot of each kind, so that no kind can empty the layer
-            # while another is left (every head, or every value or QK dim).
-            ctx.fix(heads[[0, h, h + nv]], f"is kept so that {layer.name!r} keeps a head, a value and a key dimension")
+            # while another is left (every head, or every value or QK dim; with
+            # the output channels in the gate, a layer with output channels
+            # left would not count as emptied by losing every head).
+            keep = [0, h, h + nv] if nv or nq else [0]
+            ctx.fix(heads[keep], f"is kept so that {layer.name!r} keeps a head, a value and a key dimension")
+        outs = []
+        for i, s in enumerate(out_shapes):
+            ids = ctx.new_ids(s[-1] if len(s) > 1 else 1)
+            if i or not self.prunes_output(layer):
+                ctx.fix(ids, f"comes out of {layer.name!r} ({type(layer).__name__}), whose output channels are not pruned")
+            outs.append(ids)
+        gate_ids = np.concatenate([heads, outs[0]]) if self.prunes_output(layer) else heads
         internal = getattr(ctx, "internal", None)
         if internal is None:
-            ctx.fix(heads, "the analysis context keeps no internal maps")
+            ctx.fix(gate_ids, "the analysis context keeps no internal maps")
         else:
-            internal.extend([heads, in_maps[q], in_maps[v], in_maps[k]])
-        outs = []
-        for s in out_shapes:
-            ids = ctx.new_ids(s[-1] if len(s) > 1 else 1)
-            ctx.fix(ids, f"comes out of {layer.name!r} ({type(layer).__name__}), whose output channels are not pruned")
-            outs.append(ids)
+            internal.extend([gate_ids, in_maps[q], in_maps[v], in_maps[k]])
         return outs
 
     def gate_variables(self, layer):
         parts = _parts(layer)
         names = ("value", "query") if self.segments(layer)[2] else ("value",)
+        if self.prunes_output(layer):
+            names = names + ("output",)
         return [v for n in names for v in (parts[n].kernel, getattr(parts[n], "bias", None)) if v is not None]
 
     def gate_scale(self, layer, variable, value, gate):
         # Value/query kernels (dim, heads, head_dim), biases (heads, head_dim):
         # heads on the second-to-last axis, head dimensions on the last.
+        # Output kernel (heads, head_dim, dim) and bias (dim,): output
+        # channels (the embedding) on the last axis, after the head slots.
         h, nv, nq = self.segments(layer)
+        n = h + nv + nq
+        output = _parts(layer)["output"]
+        if variable is output.kernel or variable is getattr(output, "bias", None):
+            return value * gate[n:]
+        gate = gate[:n]
         if not nv and not nq:
             return value * ops.reshape(gate, (-1, 1))
         query = _parts(layer)["query"]
@@ -217,6 +252,7 @@ class AttentionHandler(handlers_lib.LayerHandler):
         info = _shape_of(layer)
         h, nv, nq = self.segments(layer)
         kept = np.asarray(kept_out[1], dtype=np.int64)
+        kept = kept[kept < h + nv + nq]  # output slots (embedding) follow: kept_out[0]
         kept_groups = kept[kept < h]
         v_dims = kept[(kept >= h) & (kept < h + nv)] - h if nv else np.arange(info["value_dim"])
         qk_dims = kept[kept >= h + nv] - h - nv if nq else np.arange(info["key_dim"])
@@ -317,7 +353,7 @@ def attention_cost(layer, node, segments=None):
         dq, dv_in, dk_in = count(q_ids, alive), count(v_ids, alive), count(k_ids, alive)
         hkv = count(heads[:h], alive)
         dv = count(heads[h : h + nv], alive) if nv else info["value_dim"]
-        dk = count(heads[h + nv :], alive) if nq else info["key_dim"]
+        dk = count(heads[h + nv : h + nv + nq], alive) if nq else info["key_dim"]
         hq = hkv * ratio
         do = count(o_ids, alive) * out_extra
         macs = (
@@ -396,18 +432,157 @@ AttentionHandler.gate_wrapper = HeadGate
 
 class TokenHandler(handlers_lib.LayerHandler):
     """`keras_taylor.models.ClassTokenPosition`: per-channel class token and
-    position embedding, so channels stay apart; it adds a learned vector, so
-    a removed channel becomes non-zero (no gate can follow it: it is fixed
-    wherever a mixing layer reads it, like any shift)."""
+    position embedding, so channels stay apart. It adds learned vectors, so a
+    removed channel would become non-zero: a gate scales both (parameter-side,
+    `cls·m` and `pos·m`), so the channel stays exactly zero when its group's
+    gate is 0."""
 
-    def lifts_zero(self, layer, in_shapes):
-        return f"{layer.name!r} adds a class token and a position embedding"
+    needs_gate = True
+
+    def gate_variables(self, layer):
+        return [layer.cls, layer.pos]
 
     def slice(self, layer, config, weights, kept_in, kept_out):
         return config, [w[..., kept_out[0]] for w in weights]
 
     def params(self, layer, in_shapes, out_shapes):
         return handlers_lib.Cost(b=float(out_shapes[0][-2] + 1))
+
+
+class EmbeddingNormHandler(handlers_lib.LayerHandler):
+    """`LayerNormalization` over the channel axis as a member of the
+    embedding (residual-stream) group, opt-in through `prune_embedding`.
+
+    Removing a channel under a LayerNormalization changes the mean and
+    variance of the others, so a stock LayerNormalization with a zero
+    channel is not the pruned one. The gate (`NormGate`) therefore sits on
+    the normalisation itself: with gate `m` it computes the statistics over
+    the live channels only and scales the output (Keras's formula otherwise,
+    `epsilon` included),
+
+        μ = Σ_c m_c x_c / Σ_c m_c,   σ² = Σ_c m_c (x_c − μ)² / Σ_c m_c,
+        y_c = m_c (γ_c (x_c − μ) / √(σ² + ε) + β_c),
+
+    which for `m ∈ {0, 1}` is exactly the pruned layer (so surgery equals
+    masking) and at `m = 1` is the layer itself (so the gated model computes
+    the same function). `∂L/∂m_c` then includes the effect of channel `c` on
+    the statistics, which a gate on `γ, β` alone would miss. The price: the
+    gated LayerNormalization is computed by the gate (same work as the
+    layer's own, activation-sized, unlike the parameter-side BN gate).
+
+    A LayerNormalization over other axes, or over several, keeps its channels
+    (as without embedding pruning).
+    """
+
+    needs_gate = True
+
+    @staticmethod
+    def _over_channels(layer, rank, axis) -> bool:
+        axes = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
+        return axis is not None and [int(a) % rank for a in axes] == [axis]
+
+    def propagate(self, layer, in_maps, in_shapes, out_shapes, ctx):
+        rank = len(in_shapes[0])
+        axis = ctx.in_axes[0] if ctx.in_axes else rank - 1
+        if not self._over_channels(layer, rank, axis):
+            ctx.fix(in_maps[0], f"{layer.name!r} ({type(layer).__name__}) normalises over other axes than the channels")
+        elif layer.rms_scaling:
+            ctx.fix(in_maps[0], f"{layer.name!r} (LayerNormalization) uses the deprecated rms_scaling")
+        return [in_maps[0]]
+
+    def slice(self, layer, config, weights, kept_in, kept_out):
+        return config, [w[kept_out[0]] for w in weights]
+
+    def params(self, layer, in_shapes, out_shapes):
+        return handlers_lib.Cost(b=float(layer.gamma is not None) + float(layer.beta is not None))
+
+
+@keras.saving.register_keras_serializable(package="keras_taylor")
+class NormGate(gates_lib.ChannelGate):
+    """The gate of a `LayerNormalization` in the embedding group: it computes
+    the normalisation over the live channels (see `EmbeddingNormHandler`).
+
+    Its mode is `"output"`: `strip_gates` folds it only while every gate is
+    1; `keras_taylor.prune` removes the gated channels.
+    """
+
+    def __init__(self, layer, mode: str | None = None, **kwargs):
+        if mode not in (None, "output"):
+            raise ValueError(f"Expected mode 'output' for a LayerNormalization gate. Received: mode={mode!r}")
+        if not isinstance(layer, L.LayerNormalization):
+            raise ValueError(
+                f"Expected a LayerNormalization. Received: layer={getattr(layer, 'name', layer)!r} "
+                f"of class {type(layer).__name__}."
+            )
+        super().__init__(layer, mode="output", **kwargs)
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        self.mode = "output"
+
+    def call(self, inputs, training=None, mask=None):
+        if getattr(gates_lib._recorder, "calls", None) is not None:
+            raise ValueError(
+                "Expected a criterion that scores gates from gradients (taylor_fo_bn, taylor_so, ...). "
+                f"Received: a criterion that reads activations, which cannot score the embedding at {self.name!r}."
+            )
+        layer = self.layer
+        dtype = "float32" if keras.backend.standardize_dtype(inputs.dtype) in ("float16", "bfloat16") else inputs.dtype
+        x = ops.cast(inputs, dtype)
+        m = ops.cast(self.gate, dtype)
+        live = ops.maximum(ops.sum(m), 1.0)
+        mean = ops.sum(m * x, axis=-1, keepdims=True) / live
+        centred = x - mean
+        var = ops.sum(m * centred * centred, axis=-1, keepdims=True) / live
+        y = centred * ops.rsqrt(var + layer.epsilon)
+        if layer.gamma is not None:
+            y = y * ops.cast(layer.gamma, dtype)
+        if layer.beta is not None:
+            y = y + ops.cast(layer.beta, dtype)
+        return ops.cast(y * m, inputs.dtype)
+
+
+EmbeddingNormHandler.gate_wrapper = NormGate
+
+
+def prune_embedding(enabled: bool = True, head_dims: bool = False) -> None:
+    """Makes the embedding (residual-stream) width of transformers prunable.
+
+    Registers `EmbeddingNormHandler` for `keras.layers.LayerNormalization`
+    and `AttentionHandler(head_dims=head_dims, embedding=True)` for
+    `keras.layers.MultiHeadAttention`, so the channels of a ViT's residual
+    stream become one channel group: the patch embedding's filters, the
+    class token and position embedding (`ClassTokenPosition`), every
+    residual `Add`, every LayerNormalization's `gamma`/`beta`, the input
+    channels of every query/key/value projection and MLP, the output
+    channels of every attention output projection and MLP, and the input
+    rows of the head. Each of them that makes or shifts the channel gets a
+    gate (patch embedding, tokens, attention output, second MLP Dense, every
+    LayerNormalization), and the group's score is the sum of their gate
+    gradients (NViT's embedding score, Yang et al. CVPR 2023, sums
+    `w·∂L/∂w` over the same parameters).
+
+    Off by default: removing a channel under LayerNormalization changes the
+    other channels' mean and variance, so a pruned model is close to, not
+    equal to, the masked one (see `EmbeddingNormHandler` and
+    docs/attention.md). Call it before `add_gates` (and keep it on while the
+    gated model is trained and pruned); `prune_embedding(False)` restores
+    the default handlers. `GroupQueryAttention` keeps its output width (it
+    follows the query width), so a stream through GQA stays whole.
+
+    Args:
+        enabled: register the embedding handlers (`True`) or the defaults
+            (`False`). Defaults to `True`.
+        head_dims: passed to `AttentionHandler`. Defaults to `False`.
+
+    Raises:
+        TypeError: if `enabled` or `head_dims` is not a bool.
+    """
+    if not isinstance(enabled, bool):
+        raise TypeError(f"Expected enabled to be a bool. Received: enabled={enabled!r}")
+    handler = AttentionHandler(head_dims=head_dims, embedding=enabled)
+    handlers_lib.register_handler(L.MultiHeadAttention, handler)
+    handlers_lib.register_handler(L.LayerNormalization, EmbeddingNormHandler() if enabled else handlers_lib.FixingHandler())
 
 
 # ---- ranking across kinds ---------------------------------------------------------
