@@ -431,14 +431,15 @@ def summarize(cells: dict, dense: dict) -> dict:
 def plot(summary: dict, path: str) -> None:
     from keras_taylor.plotting import new_figure
 
-    fig = new_figure(figsize=(7, 4.5), layout="constrained")
+    fig = new_figure(figsize=(8, 5.5), layout="constrained")
     ax = fig.add_subplot(1, 1, 1)
     crits = sorted({k.split("|")[0] for k in summary if "|" in k})
     for i, crit in enumerate(crits):
         pts = sorted((v["flops_mean"], v["top1_mean"], v["top1_std"]) for k, v in summary.items()
                      if "|" in k and k.split("|")[0] == crit)
         f, m, s = map(np.array, zip(*pts))
-        ax.errorbar(f + (i - len(crits) / 2) * 0.004, m, yerr=s, marker="o", capsize=3, label=crit)
+        ax.errorbar(f + (i - len(crits) / 2) * 0.004, m, yerr=s, marker="o", capsize=3, label=crit,
+                    linestyle="--" if "mean_group" in crit else "-")
     dense = [v for v in summary["dense"]["top1_per_seed"].values()]
     if dense:
         ax.axhline(float(np.mean(dense)), color="black", linestyle="--", linewidth=0.8, label="dense (transferred)")
@@ -446,7 +447,7 @@ def plot(summary: dict, path: str) -> None:
     ax.set_ylabel("target top-1 (classes 5-9, test)")
     ax.set_title("Transfer 0-4 → 5-9: mean ± std over seeds", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, ncol=2)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, format="png", dpi=100)
 
@@ -543,8 +544,12 @@ def main(argv):
                 print(f"  {name:26s} top1 {k['top1_mean']:.4f}  vs torch {m['mean']:+.4f} [{m['ci95'][0]:+.4f}, {m['ci95'][1]:+.4f}]"
                       f"  wall/torch {np.median(k['wall_ratio_vs_torch']):.2f}")
     save_results(FLAGS.results, results)
-    if any("|" in k for k in summary):
-        plot(summary, FLAGS.plot)
+    # Every (criterion, normalisation) of this configuration, and Torch-Pruning where it ran.
+    series = dict(results["variants"], dense=summary["dense"])
+    for target, e in results.get("torch_comparison", {}).items():
+        series[f"torch-pruning GroupTaylor|{target}"] = e["torch"]
+    if any("|" in k for k in series):
+        plot(series, FLAGS.plot)
     for key, v in sorted(summary.items()):
         if "|" not in key:
             continue
