@@ -210,3 +210,39 @@ def write_json(result: dict, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
+
+
+# ---- the PyTorch venv of torch_side.py (torch_pruning_compare.py, transfer_study.py --part=torch)
+TORCH_VENV = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".venv-torch")
+TORCH_PY = os.path.join(TORCH_VENV, "bin", "python")
+
+
+def ensure_torch_venv() -> None:
+    """Creates `.venv-torch` with CPU-only torch 2.13.0 + torch-pruning when missing."""
+    import subprocess
+
+    if os.path.exists(TORCH_PY):
+        return
+    print(f"== Creating {TORCH_VENV}", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", TORCH_VENV], check=True)
+    pip = [TORCH_PY, "-m", "pip", "install", "-q"]
+    cpu_index = ["--index-url", "https://download.pytorch.org/whl/cpu", "--timeout", "20", "--retries", "1"]
+    if subprocess.run(pip + ["torch==2.13.0"] + cpu_index).returncode != 0:
+        # PyPI (and any configured find-links); prefer the CPU build when one is offered.
+        if subprocess.run(pip + ["torch==2.13.0+cpu"]).returncode != 0:
+            subprocess.run(pip + ["torch==2.13.0"], check=True)
+    subprocess.run(pip + ["torch-pruning", "numpy"], check=True)
+    listing = subprocess.run([TORCH_PY, "-m", "pip", "list"], capture_output=True, text=True, check=True).stdout
+    if "nvidia" in listing.lower():
+        print("WARNING: the torch install pulled CUDA wheels (nvidia-*).", flush=True)
+
+
+def torch_versions() -> dict:
+    import subprocess
+
+    out = subprocess.run(
+        [TORCH_PY, "-c", "import torch, numpy; from importlib.metadata import version; "
+         "print(torch.__version__, version('torch-pruning'), numpy.__version__)"],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()
+    return {"torch": out[0], "torch_pruning": out[1], "numpy_torch_venv": out[2]}

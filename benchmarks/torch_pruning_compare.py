@@ -64,8 +64,8 @@ import _harness  # noqa: E402
 from keras_taylor import datasets, models  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TORCH_VENV = os.path.join(REPO, ".venv-torch")
-TORCH_PY = os.path.join(TORCH_VENV, "bin", "python")
+TORCH_PY = _harness.TORCH_PY
+ensure_torch_venv, torch_versions = _harness.ensure_torch_venv, _harness.torch_versions
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("seeds", ["0"], "Seeds (init, subset, epoch order); each runs both sides.")
@@ -88,34 +88,6 @@ flags.DEFINE_bool(
 flags.DEFINE_enum("sides", "both", ["both", "keras", "torch"], "Which sides to run.")
 flags.DEFINE_string("work_dir", "runs/torch_pruning_compare", "Where the .npz exports and the torch JSONs go.")
 flags.DEFINE_string("output", None, "Result JSON (default benchmarks/results/torch_pruning_compare.json).")
-
-
-# ------------------------------------------------------------------ torch venv
-def ensure_torch_venv() -> None:
-    """Creates `.venv-torch` with CPU-only torch 2.13.0 + torch-pruning when missing."""
-    if os.path.exists(TORCH_PY):
-        return
-    print(f"== Creating {TORCH_VENV}", flush=True)
-    subprocess.run([sys.executable, "-m", "venv", TORCH_VENV], check=True)
-    pip = [TORCH_PY, "-m", "pip", "install", "-q"]
-    cpu_index = ["--index-url", "https://download.pytorch.org/whl/cpu", "--timeout", "20", "--retries", "1"]
-    if subprocess.run(pip + ["torch==2.13.0"] + cpu_index).returncode != 0:
-        # PyPI (and any configured find-links); prefer the CPU build when one is offered.
-        if subprocess.run(pip + ["torch==2.13.0+cpu"]).returncode != 0:
-            subprocess.run(pip + ["torch==2.13.0"], check=True)
-    subprocess.run(pip + ["torch-pruning", "numpy"], check=True)
-    listing = subprocess.run([TORCH_PY, "-m", "pip", "list"], capture_output=True, text=True, check=True).stdout
-    if "nvidia" in listing.lower():
-        print("WARNING: the torch install pulled CUDA wheels (nvidia-*).", flush=True)
-
-
-def torch_versions() -> dict:
-    out = subprocess.run(
-        [TORCH_PY, "-c", "import torch, numpy; from importlib.metadata import version; "
-         "print(torch.__version__, version('torch-pruning'), numpy.__version__)"],
-        capture_output=True, text=True, check=True,
-    ).stdout.split()
-    return {"torch": out[0], "torch_pruning": out[1], "numpy_torch_venv": out[2]}
 
 
 # ------------------------------------------------------------------ data

@@ -66,8 +66,9 @@ class Block(nn.Module):
 
 
 class ResNet(nn.Module):
-    def __init__(self, widths=(16, 32, 64), blocks_per_stage=2, num_classes=10):
+    def __init__(self, widths=(16, 32, 64), blocks_per_stage=2, num_classes=10, head_name="logits"):
         super().__init__()
+        self.head_name = head_name
         self.stem_conv = nn.Conv2d(1, widths[0], 3, 1, padding=1, bias=False)
         self.stem_bn = nn.BatchNorm2d(widths[0], eps=1e-3, momentum=0.1)
         self.stem_relu = nn.ReLU()
@@ -91,7 +92,7 @@ class ResNet(nn.Module):
 
     def keras_names(self):
         """Keras layer name -> (torch module, kind)."""
-        out = {"stem_conv": (self.stem_conv, "conv"), "stem_bn": (self.stem_bn, "bn"), "logits": (self.logits, "dense")}
+        out = {"stem_conv": (self.stem_conv, "conv"), "stem_bn": (self.stem_bn, "bn"), self.head_name: (self.logits, "dense")}
         for name, blk in zip(self.block_names, self.blocks):
             out[f"{name}_conv1"] = (blk.conv1, "conv")
             out[f"{name}_bn1"] = (blk.bn1, "bn")
@@ -172,10 +173,10 @@ def cosine(initial, decay_steps, alpha):
 
 
 class KerasSGD:
-    """Keras 3 SGD(momentum, nesterov=True) in PyTorch; buffers keyed by parameter."""
+    """Keras 3 SGD(momentum, nesterov) in PyTorch; buffers keyed by parameter."""
 
-    def __init__(self, schedule, momentum=0.9):
-        self.schedule, self.momentum, self.iterations, self.buf = schedule, momentum, 0, {}
+    def __init__(self, schedule, momentum=0.9, nesterov=True):
+        self.schedule, self.momentum, self.nesterov, self.iterations, self.buf = schedule, momentum, nesterov, 0, {}
 
     @torch.no_grad()
     def step(self, params):
@@ -187,7 +188,10 @@ class KerasSGD:
             if b is None:
                 b = self.buf[p] = torch.zeros_like(p)
             b.mul_(m).add_(p.grad, alpha=-lr)
-            p.add_(b, alpha=m).add_(p.grad, alpha=-lr)
+            if self.nesterov:
+                p.add_(b, alpha=m).add_(p.grad, alpha=-lr)
+            else:
+                p.add_(b)
         self.iterations += 1
 
 
@@ -224,6 +228,12 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--from_keras_dense", action="store_true",
                     help="Skip training: start pruning from the Keras side's trained weights (`dense/...` in --data).")
+    ap.add_argument("--widths", default="16,32,64", help="Stage widths of the ResNet.")
+    ap.add_argument("--num_classes", type=int, default=10)
+    ap.add_argument("--head_name", default="logits", help="Keras name of the classification Dense layer.")
+    ap.add_argument("--prune_lr", type=float, default=None,
+                    help="Constant learning rate for the pruning phase (default: cosine 0.02 -> 0.001).")
+    ap.add_argument("--no_nesterov", action="store_true", help="Plain momentum (Keras SGD(momentum=0.9)).")
     args = ap.parse_args()
 
     import torch_pruning as tp
@@ -237,7 +247,8 @@ def main():
     steps = math.ceil(len(x_train) / bs)
     assert perms.shape[0] >= args.epochs + args.prune_epochs
 
-    model = ResNet(blocks_per_stage=args.blocks)
+    model = ResNet(widths=tuple(int(w) for w in args.widths.split(",")), blocks_per_stage=args.blocks,
+                   num_classes=args.num_classes, head_name=args.head_name)
     n_loaded = load_keras_weights(model, d)
     example = torch.zeros(1, 1, 28, 28)
     # Equivalence check: the Keras model's initial logits on the first test images.
@@ -301,7 +312,9 @@ def main():
     print(f"[torch] BasePruner: {n_groups_total} channel groups, pruning_ratio={args.pruning_ratio}, "
           f"iterative_steps={iterative_steps} (~{n_groups_total * per_step_ratio:.1f} groups/step); setup {setup_s:.2f}s", flush=True)
 
-    opt = KerasSGD(cosine(0.02, args.prune_epochs * steps, 0.05))
+    schedule = (lambda _: args.prune_lr) if args.prune_lr is not None else cosine(0.02, args.prune_epochs * steps, 0.05)
+    opt = KerasSGD(schedule, nesterov=not args.no_nesterov)
+    epoch_log = []
     acc = None  # gradient sums since the last pruning step
     done, step, history = False, 0, []
     accum_s, prune_s, step_times_scoring, step_times_after = 0.0, 0.0, [], []
@@ -358,6 +371,7 @@ def main():
                 print(f"[torch] prune step {len(history)} at minibatch {step}: conv+linear MACs {frac:.3f}", flush=True)
                 if done:
                     done_at_s = time.time() - t_phase
+        epoch_log.append({"epoch": e, "seconds": time.time() - te, "params": keras_style_params(model)})
         print(f"[torch] prune epoch {e + 1}/{args.prune_epochs} loss {np.mean(losses):.4f} ({time.time() - te:.0f}s)", flush=True)
     phase_s = time.time() - t_phase
     acc_after = evaluate(model, x_test, y_test)
@@ -386,6 +400,7 @@ def main():
                    "initial_total_channels": n_groups_total, "ignored_layers": ["logits"],
                    "steps_taken": pruner.current_step},
         "pruning_history": history,
+        "epochs": epoch_log,
         "pruning_done": done,
         "pruning_done_at_minibatch": history[-1]["step"] if done else None,
         "train_seconds": train_s,

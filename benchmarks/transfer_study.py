@@ -16,12 +16,19 @@ docs/evidence.md.
     python benchmarks/transfer_study.py --seeds 0,1 --targets 0.5,0.3 --criteria taylor_fo_bn,weight_l2,random
     python benchmarks/transfer_study.py --smoke         # seconds: tiny sizes, checks the pipeline
     python benchmarks/transfer_study.py --report_only   # summary + plot from the JSON
+    python benchmarks/transfer_study.py --part=torch --targets 0.5,0.3 --normalization mean_group
+        # Torch-Pruning (GroupTaylorImportance, global) on the same transferred networks, in `.venv-torch`
+        # (created when missing); each run is preceded by keras_taylor's run of the same cell
+        # (taylor_fo_bn, --normalization) so both wall times see the same load
 
 Resumable: every finished cell is written to `--results` at once, and a cell
 already there (same key and same configuration) is skipped.
 Summary per (criterion, target): mean and standard deviation over seeds, and
 the paired margin against Taylor-FO-BN (same seed, same transferred network)
-with a Student-t 95% confidence interval (scipy).
+with a Student-t 95% confidence interval (scipy). `variants` in the JSON:
+every (criterion, normalisation) run on the same dense starts against
+Taylor-FO-BN (raw), random and weight L2; `torch_comparison`: every variant
+against Torch-Pruning, paired by seed, with the wall times.
 """
 
 from __future__ import annotations
@@ -40,6 +47,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness  # noqa: E402
 import keras_taylor as kt  # noqa: E402
 from keras_taylor import criteria as criteria_lib  # noqa: E402
 from keras_taylor import datasets, models  # noqa: E402
@@ -66,7 +75,11 @@ flags.DEFINE_integer("finetune_epochs", 10, "Epochs after the pruning epochs (on
 flags.DEFINE_integer("prune_every", 5, "Minibatches between pruning steps.")
 flags.DEFINE_integer("batch_size", 32, "Batch size on the target task.")
 flags.DEFINE_float("lr", 0.01, "SGD learning rate (momentum 0.9) on the target task.")
-flags.DEFINE_enum("part", "prune", ["prune", "oracle", "both"], "prune: the accuracy cells; oracle: criteria vs both oracles on the transferred network.")
+flags.DEFINE_enum("part", "prune", ["prune", "oracle", "both", "torch"],
+                  "prune: the accuracy cells; oracle: criteria vs both oracles on the transferred network; "
+                  "torch: Torch-Pruning (GroupTaylor) pruning the same transferred network (benchmarks/torch_side.py).")
+flags.DEFINE_float("torch_pruning_ratio", 0.9, "Torch part: BasePruner pruning_ratio (a ceiling; it stops at the FLOPs target).")
+flags.DEFINE_integer("torch_threads", 2, "Torch part: torch.set_num_threads.")
 flags.DEFINE_integer("oracle_batches", 10, "Oracle part: target training minibatches scored (criteria and the NVlabs oracle).")
 flags.DEFINE_bool("smoke", False, "Tiny sizes: checks the pipeline in seconds.")
 flags.DEFINE_bool("report_only", False, "Only summarise and plot the results JSON.")
@@ -81,6 +94,11 @@ def config() -> dict:
     keys = ("widths", "blocks", "source_epochs", "source_images", "per_class", "test_images", "transfer_epochs",
             "prune_epochs", "finetune_epochs", "prune_every", "batch_size", "lr", "normalization")
     return {k: FLAGS[k].value for k in keys}
+
+
+def base_config() -> dict:
+    """`config()` without the normalisation: what the dense start and the Torch-Pruning runs depend on."""
+    return {k: v for k, v in config().items() if k != "normalization"}
 
 
 def apply_smoke() -> None:
@@ -174,17 +192,21 @@ class EpochTimer(keras.callbacks.Callback):
         self.rows.append({"epoch": epoch, "seconds": time.time() - self._t0, "params": int(self.model.count_params())})
 
 
+def groups_per_step(num_groups: int, num_train: int) -> int:
+    """Enough groups per pruning step that removing every group would fit in
+    the pruning epochs: the target is reached within them (both libraries)."""
+    steps = int(np.ceil(num_train / FLAGS.batch_size))
+    events = max(1, (FLAGS.prune_epochs * steps) // FLAGS.prune_every)
+    return max(1, int(np.ceil(num_groups / events)))
+
+
 def run_cell(dense, train, test, criterion: str, target: float, seed: int) -> dict:
     keras.utils.set_random_seed(seed)
     copy = keras.models.clone_model(dense)
     copy.set_weights(dense.get_weights())
     gated = compile_model(kt.add_gates(copy), FLAGS.lr)
     graph = kt.analyze(gated)
-    steps = int(np.ceil(len(train[0]) / FLAGS.batch_size))
-    # Enough groups per step that removing every group would fit in the
-    # pruning epochs: the target is reached within them.
-    events = max(1, (FLAGS.prune_epochs * steps) // FLAGS.prune_every)
-    per_step = max(1, int(np.ceil(graph.num_groups / events)))
+    per_step = groups_per_step(graph.num_groups, len(train[0]))
     crit = criteria_lib.Random(seed=seed) if criterion == "random" else criterion
     pruning = kt.TaylorPruning(target=target, prune_every=FLAGS.prune_every, channels_per_step=per_step,
                                criterion=crit, normalization=FLAGS.normalization)
@@ -201,6 +223,128 @@ def run_cell(dense, train, test, criterion: str, target: float, seed: int) -> di
         "final_loss": float(history.history["loss"][-1]), "wall_seconds": wall, "epochs": timer.rows,
         "config": config(),
     }
+
+
+# ---- Torch-Pruning part ------------------------------------------------------------------------
+def torch_cell(dense, train, test, target: float, seed: int) -> dict:
+    """Torch-Pruning's GroupTaylorImportance + BasePruner(global_pruning=True)
+    on the same transferred network (weights copied, logits checked), the same
+    target images, batch size, optimizer (SGD, momentum 0.9, constant `--lr`),
+    epochs, pruning interval and groups per step as `run_cell`; the training
+    order is its own seeded permutation per epoch."""
+    import subprocess
+
+    _harness.ensure_torch_venv()
+    copy = keras.models.clone_model(dense)
+    copy.set_weights(dense.get_weights())
+    t0 = time.time()
+    graph = kt.analyze(kt.add_gates(copy))
+    gates_s = time.time() - t0
+    per_step = groups_per_step(graph.num_groups, len(train[0]))
+    epochs = FLAGS.prune_epochs + FLAGS.finetune_epochs
+    rng = np.random.default_rng([seed, 2])
+    as_uint8 = lambda x: np.round(x[..., 0] * 255.0).astype("uint8")  # noqa: E731  (exactly the float images: x/255)
+    arrays = {"x_train": as_uint8(train[0]), "y_train": train[1], "x_test": as_uint8(test[0]), "y_test": test[1],
+              "perms": np.stack([rng.permutation(len(train[0])) for _ in range(epochs)]).astype("int32"),
+              "check_logits": np.asarray(dense(test[0][:8], training=False), dtype="float32")}
+    for layer in dense.layers:
+        for i, w in enumerate(layer.get_weights()):
+            arrays[f"w/{layer.name}/{i}"] = w
+    work = os.path.join(FLAGS.output_dir, "torch")
+    os.makedirs(work, exist_ok=True)
+    npz, out = os.path.join(work, f"s{seed}_t{target}.npz"), os.path.join(work, f"s{seed}_t{target}.json")
+    np.savez(npz, **arrays)
+    cmd = [_harness.TORCH_PY, os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_side.py"),
+           "--data", npz, "--output", out, "--epochs", "0", "--prune_epochs", str(epochs),
+           "--prune_every", str(FLAGS.prune_every), "--channels_per_step", str(per_step),
+           "--pruning_ratio", str(FLAGS.torch_pruning_ratio), "--target", str(target), "--batch_size", str(FLAGS.batch_size),
+           "--blocks", str(FLAGS.blocks), "--widths", ",".join(FLAGS.widths), "--num_classes", str(len(TARGET)),
+           "--head_name", "target_logits", "--prune_lr", str(FLAGS.lr), "--no_nesterov",
+           "--threads", str(FLAGS.torch_threads), "--seed", str(seed)]
+    # keras_taylor's run of the same cell (criterion taylor_fo_bn, `--normalization`) right before
+    # Torch-Pruning's, so that both wall times see the same machine load.
+    mine = run_cell(dense, train, test, REFERENCE, target, seed)
+    # Spinning OpenMP threads stall on a shared CPU (see torch_pruning_compare.py).
+    env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+    subprocess.run(cmd, check=True, env=env)
+    with open(out) as f:
+        res = json.load(f)
+    res.update(target=target, seed=seed, keras_groups=graph.num_groups, channels_per_step=per_step,
+               keras_add_gates_seconds=gates_s, config=base_config(),
+               keras_same_load={k: mine[k] for k in ("criterion", "top1", "flops_fraction", "params_fraction",
+                                                     "wall_seconds", "epochs", "config")})
+    return res
+
+
+def variant_cells(results: dict) -> dict:
+    """{(criterion/normalisation, target): {seed: cell}} over the cells of this
+    base configuration ('own': each criterion's default normalisation)."""
+    base, out = base_config(), {}
+    for c in results["cells"].values():
+        if {k: v for k, v in c["config"].items() if k != "normalization"} == base:
+            name = f"{c['criterion']}/{c['config']['normalization'] or 'own'}"
+            out.setdefault((name, c["target"]), {})[c["seed"]] = c
+    return out
+
+
+BASELINES = ("taylor_fo_bn/own", "random/own", "weight_l2/own")
+
+
+def compare_variants(results: dict) -> dict:
+    """Every (criterion, normalisation) per target against the baselines in
+    `BASELINES`: paired margins (same seed, same dense start), 95% t-interval."""
+    cells = variant_cells(results)
+    out = {}
+    for (name, target), mine in sorted(cells.items()):
+        acc = np.array([c["top1"] for c in mine.values()])
+        entry = {"n": len(acc), "top1_mean": float(acc.mean()), "top1_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
+                 "flops_mean": float(np.mean([c["flops_fraction"] for c in mine.values()])),
+                 "params_mean": float(np.mean([c["params_fraction"] for c in mine.values()]))}
+        for ref in BASELINES:
+            other = cells.get((ref, target), {})
+            seeds = sorted(set(mine) & set(other))
+            if ref != name and len(seeds) > 1:
+                mean, ci = t_interval([mine[s]["top1"] - other[s]["top1"] for s in seeds])
+                entry[f"vs {ref}"] = {"seeds": seeds, "mean": mean, "ci95": ci, "excludes_zero": bool(ci[0] > 0 or ci[1] < 0)}
+        out[f"{name}|{target}"] = entry
+    return out
+
+
+def compare_torch(results: dict) -> dict:
+    """Per target: Torch-Pruning's top-1 over seeds, and every keras_taylor
+    (criterion, normalisation) measured on the same dense starts: mean, and the
+    paired margin keras_taylor - Torch-Pruning (same seed) with a 95% t-interval;
+    the prune-and-fine-tune wall times side by side."""
+    base = base_config()
+    torch_rows = [r for r in results.get("torch", {}).values() if r["config"] == base]
+    out = {}
+    for target in sorted({r["target"] for r in torch_rows}):
+        tr = {r["seed"]: r for r in torch_rows if r["target"] == target}
+        acc = np.array([r["top1_after"] for r in tr.values()])
+        entry = {"torch": {"n": len(acc), "top1_mean": float(acc.mean()),
+                           "top1_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
+                           "flops_mean": float(np.mean([r["flops_fraction"] for r in tr.values()])),
+                           "params_mean": float(np.mean([r["params_fraction"] for r in tr.values()])),
+                           "prune_and_finetune_seconds": [r["prune_and_finetune_seconds"] for r in tr.values()],
+                           "keras_same_load_seconds": [r["keras_same_load"]["wall_seconds"] for r in tr.values()],
+                           "keras_same_load_normalization": sorted({str(r["keras_same_load"]["config"]["normalization"])
+                                                                    for r in tr.values()})},
+                 "keras": {}}
+        for (name, t), cells in sorted(variant_cells(results).items()):
+            seeds = sorted(set(cells) & set(tr))
+            if t != target or not seeds:
+                continue
+            mean, ci = t_interval([cells[s]["top1"] - tr[s]["top1_after"] for s in seeds])
+            entry["keras"][name] = {
+                "seeds": seeds, "top1_mean": float(np.mean([cells[s]["top1"] for s in seeds])),
+                "flops_mean": float(np.mean([cells[s]["flops_fraction"] for s in seeds])),
+                "params_mean": float(np.mean([cells[s]["params_fraction"] for s in seeds])),
+                "margin_vs_torch": {"mean": mean, "ci95": ci, "excludes_zero": bool(ci[0] > 0 or ci[1] < 0)},
+                "wall_seconds": [cells[s]["wall_seconds"] for s in seeds],
+                "wall_ratio_vs_torch": [cells[s]["wall_seconds"] / tr[s]["prune_and_finetune_seconds"] for s in seeds],
+            }
+        out[str(target)] = entry
+    return out
 
 
 # ---- oracle part ------------------------------------------------------------------------------------
@@ -287,14 +431,15 @@ def summarize(cells: dict, dense: dict) -> dict:
 def plot(summary: dict, path: str) -> None:
     from keras_taylor.plotting import new_figure
 
-    fig = new_figure(figsize=(7, 4.5), layout="constrained")
+    fig = new_figure(figsize=(8, 5.5), layout="constrained")
     ax = fig.add_subplot(1, 1, 1)
     crits = sorted({k.split("|")[0] for k in summary if "|" in k})
     for i, crit in enumerate(crits):
         pts = sorted((v["flops_mean"], v["top1_mean"], v["top1_std"]) for k, v in summary.items()
                      if "|" in k and k.split("|")[0] == crit)
         f, m, s = map(np.array, zip(*pts))
-        ax.errorbar(f + (i - len(crits) / 2) * 0.004, m, yerr=s, marker="o", capsize=3, label=crit)
+        ax.errorbar(f + (i - len(crits) / 2) * 0.004, m, yerr=s, marker="o", capsize=3, label=crit,
+                    linestyle="--" if "mean_group" in crit else "-")
     dense = [v for v in summary["dense"]["top1_per_seed"].values()]
     if dense:
         ax.axhline(float(np.mean(dense)), color="black", linestyle="--", linewidth=0.8, label="dense (transferred)")
@@ -302,7 +447,7 @@ def plot(summary: dict, path: str) -> None:
     ax.set_ylabel("target top-1 (classes 5-9, test)")
     ax.set_title("Transfer 0-4 → 5-9: mean ± std over seeds", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, ncol=2)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, format="png", dpi=100)
 
@@ -350,6 +495,22 @@ def main(argv):
                               f"kendall {c['kendall']:+.3f} layer-mean spearman {c['layer_mean']['spearman']:+.3f}", flush=True)
             if FLAGS.part == "oracle":
                 continue
+            if FLAGS.part == "torch":
+                btag = json.dumps(base_config(), sort_keys=True)
+                for target in targets:
+                    key = f"{target}|{seed}|{btag}"
+                    if key in results.setdefault("torch", {}):
+                        continue
+                    results["torch"][key] = torch_cell(dense, train, test, target, seed)
+                    results["torch"][key].update(
+                        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), load_average=list(os.getloadavg()),
+                        command="python " + " ".join(sys.argv))
+                    save_results(FLAGS.results, results)
+                    r = results["torch"][key]
+                    print(f"torch-pruning  target {target:.2f} seed {seed}: top1 {r['top1_after']:.4f} "
+                          f"FLOPs {r['flops_fraction']:.3f} ({r['prune_and_finetune_seconds']:.0f} s; keras_taylor "
+                          f"{r['keras_same_load']['top1']:.4f} in {r['keras_same_load']['wall_seconds']:.0f} s)", flush=True)
+                continue
             for target in targets:
                 for name in FLAGS.criteria:
                     key = f"{name}|{target}|{seed}|{tag}"
@@ -368,9 +529,27 @@ def main(argv):
     dense = {k.split("|")[0]: v for k, v in results["dense"].items() if k.split("|", 1)[1] == tag}
     summary = summarize(results["cells"], dense)
     results["summary"] = summary
+    results["variants"] = compare_variants(results)
+    for key, v in results["variants"].items():
+        margins = "  ".join(f"{ref.split('/')[0]} {m['mean']:+.4f} [{m['ci95'][0]:+.4f}, {m['ci95'][1]:+.4f}]"
+                            for ref, m in ((r[3:], v[r]) for r in v if r.startswith("vs ")))
+        print(f"{key:30s} n={v['n']} {v['top1_mean']:.4f} ± {v['top1_std']:.4f} params {v['params_mean']:.3f}  {margins}")
+    if results.get("torch"):
+        results["torch_comparison"] = compare_torch(results)
+        for target, e in results["torch_comparison"].items():
+            t = e["torch"]
+            print(f"Torch-Pruning {target}: n={t['n']} top1 {t['top1_mean']:.4f} ± {t['top1_std']:.4f} FLOPs {t['flops_mean']:.3f}")
+            for name, k in e["keras"].items():
+                m = k["margin_vs_torch"]
+                print(f"  {name:26s} top1 {k['top1_mean']:.4f}  vs torch {m['mean']:+.4f} [{m['ci95'][0]:+.4f}, {m['ci95'][1]:+.4f}]"
+                      f"  wall/torch {np.median(k['wall_ratio_vs_torch']):.2f}")
     save_results(FLAGS.results, results)
-    if any("|" in k for k in summary):
-        plot(summary, FLAGS.plot)
+    # Every (criterion, normalisation) of this configuration, and Torch-Pruning where it ran.
+    series = dict(results["variants"], dense=summary["dense"])
+    for target, e in results.get("torch_comparison", {}).items():
+        series[f"torch-pruning GroupTaylor|{target}"] = e["torch"]
+    if any("|" in k for k in series):
+        plot(series, FLAGS.plot)
     for key, v in sorted(summary.items()):
         if "|" not in key:
             continue

@@ -52,3 +52,32 @@ def test_transfer_study_oracle_part_smoke(tmp_path):
             assert set(c["layer_mean"]) == {"spearman", "kendall", "pearson"}
     assert entry["minibatches"] == 2
     assert "oracle nvlabs" in out
+
+
+TORCH_PY = os.path.join(ROOT, ".venv-torch", "bin", "python")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(TORCH_PY), reason="needs .venv-torch (benchmarks/torch_pruning_compare.py creates it)")
+def test_transfer_study_torch_part_smoke(tmp_path):
+    run(tmp_path, "--seeds=0,1", "--targets=0.5", "--criteria=taylor_fo_bn,random")
+    results, out = run(tmp_path, "--part=torch", "--seeds=0,1", "--targets=0.5", "--criteria=taylor_fo_bn,random")
+    runs = results["torch"]
+    assert sorted(r["seed"] for r in runs.values()) == [0, 1]
+    for r in runs.values():
+        assert r["init_logit_max_abs_diff_vs_keras"] < 1e-4  # the same transferred network on both sides
+        assert r["pruning_done"] and r["flops_fraction"] <= 0.5 + 1e-9
+        assert len(r["epochs"]) == 2 and r["epochs"][-1]["params"] == r["params_after"] < r["params_before"]
+        assert r["pruner"]["importance"] == "GroupTaylorImportance()" and r["channels_per_step"] >= 1
+        same = r["keras_same_load"]
+        assert same["criterion"] == "taylor_fo_bn" and same["wall_seconds"] > 0 and len(same["epochs"]) == 2
+    comparison = results["torch_comparison"]["0.5"]
+    assert comparison["torch"]["n"] == 2
+    assert set(comparison["keras"]) == {"taylor_fo_bn/own", "random/own"}
+    m = comparison["keras"]["random/own"]["margin_vs_torch"]
+    assert m["ci95"][0] <= m["mean"] <= m["ci95"][1]
+    assert results["variants"]["random/own|0.5"]["vs taylor_fo_bn/own"]["seeds"] == [0, 1]
+    assert "Torch-Pruning 0.5: n=2" in out
+    before = {k: v["prune_and_finetune_seconds"] for k, v in runs.items()}
+    again, _ = run(tmp_path, "--part=torch", "--seeds=0,1", "--targets=0.5", "--criteria=taylor_fo_bn,random")
+    assert {k: v["prune_and_finetune_seconds"] for k, v in again["torch"].items()} == before  # resumed, not re-run
