@@ -595,10 +595,10 @@ def _runtime_timer(runtime, batch_size, threads, rounds, rng, overhead=0.0, bloc
     """`{name: model} -> {name: ms}`: the models run on `runtime`, timed
     together in interleaved rounds (minimum of per-round means, the runtime's
     per-call `overhead` subtracted). Each round runs a model for a block of
-    about `block_ms` (several calls: with many whole models in rotation, a
-    single call per block runs on caches the other models just evicted — on
-    tf, MobileNetV2 64² timed among 45 models came out ~15% slower than among
-    7)."""
+    about `block_ms` (several calls, so that a block is not one call on
+    caches the other models just evicted; on tf, the dense MobileNetV2 at 64²
+    measured 5.8 ms among 7 models and 6.7 ms among 45 with one-call blocks —
+    the cause was not isolated, see docs/latency.md)."""
 
     built: dict = {}  # id(model) -> (model, runner): a model timed again is not converted again
 
