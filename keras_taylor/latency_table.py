@@ -357,7 +357,9 @@ class LatencyTable:
                 sampled). Defaults to eighths 1/8 … 7/8; fewer build faster.
             threads: thread count for `"tflite"`/`"onnxruntime"` (the
                 deployment's; on a loaded machine 1 is far steadier). Defaults
-                to the runtime's default. Ignored by `"tf"`.
+                to the runtime's default. Ignored by `"tf"` (set its pools with
+                `tf.config.threading` before TF starts; their size is part of
+                the cache key).
             cache_dir: where the JSON cache lives. Defaults to
                 `$KERAS_TAYLOR_CACHE` or `~/.cache/keras_taylor/latency`.
             verbose: 1 shows a `keras.utils.Progbar`, 0 nothing.
