@@ -311,6 +311,8 @@ class LatencyTable:
         calibration: `None`, or the whole-model calibration (see
             `calibrate`): `{"coef": [a0, a1, a2], "points": [...]}` — the
             prediction is then `a0 + a1·Σ segments + a2·Σ residual Melements`.
+        threads: the tflite/onnxruntime thread count it was measured with
+            (None: the runtime's default); `plan_for_latency` times with it.
     """
 
     def __init__(self, layers, fixed_ms, full_ms, runtime, batch_size, device, versions, model_name="", calibration=None, threads=None):
@@ -510,6 +512,10 @@ class LatencyTable:
 
         if isinstance(n, bool) or not isinstance(n, int) or n < 2:
             raise ValueError(f"Expected n to be an integer >= 2. Received: n={n!r}")
+        if not callable(measure):
+            raise ValueError(f"Expected measure to be a callable {{name: model}} -> {{name: ms}}. Received: measure={measure!r}")
+        if not 0.0 < low <= high <= 1.0:
+            raise ValueError(f"Expected 0 < low <= high <= 1. Received: low={low!r}, high={high!r}")
         graph = graph_lib.analyze(model, on_unknown="freeze")
         rng = np.random.default_rng([int(seed), 7919])
         models, feats = {"dense": model}, {"dense": self.features(graph, graph.alive_ids(()))}
@@ -753,6 +759,8 @@ def plan_for_latency(
         raise ValueError(f"Expected tolerance to be a number >= 0. Received: tolerance={tolerance!r}")
     if not callable(getattr(table, "cost_terms", None)):
         raise ValueError(f"Expected table to be a keras_taylor.LatencyTable. Received: table={table!r}")
+    if measure is not None and not callable(measure):
+        raise ValueError(f"Expected measure to be None or a callable {{name: model}} -> {{name: ms}}. Received: measure={measure!r}")
     graph = graph_lib.analyze(model, on_unknown="freeze")
     terms = selection.cost_terms(graph, table)
     dense_pred = terms.evaluate(graph.alive_ids(()))
