@@ -206,6 +206,25 @@ def run_one(name, runtime):
     }
 
 
+def anchored(res):
+    """Adds the errors of the prediction *relative to the dense model*:
+    (predicted ÷ predicted dense) ÷ (measured ÷ measured dense, same session).
+    On a shared machine the absolute level drifts between sessions (the dense
+    model measured ±15% apart between the calibration and the check on tf);
+    a ratio is what a latency target is, and this is its error."""
+    if "prunings" not in res:
+        return res
+    dp, dm = res["dense_predicted_ms"], res["dense_measured_min_ms"]
+    for key in ("", "uncalibrated_"):
+        if key == "uncalibrated_" and "uncalibrated_predicted_ms" not in res["prunings"][0]:
+            continue
+        dpk = dp if key == "" else res["table_full_ms"]  # the uncalibrated table predicts full_ms for the dense model
+        err = [abs((r[key + "predicted_ms"] / dpk) / (r["measured_min_ms"] / dm) - 1.0) for r in res["prunings"]]
+        res[key + "anchored_median_abs_err"] = float(np.median(err))
+        res[key + "anchored_worst_abs_err"] = float(np.max(err))
+    return res
+
+
 def main(argv):
     del argv
     if FLAGS.threads:
@@ -218,6 +237,8 @@ def main(argv):
         with open(FLAGS.output) as f:
             results = json.load(f)
     results.setdefault("runs", {})
+    for res in results["runs"].values():
+        anchored(res)
     results["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared)"
     for name in FLAGS.models:
         for runtime in FLAGS.runtimes:
@@ -231,7 +252,7 @@ def main(argv):
                 with open(FLAGS.output, "w") as f:
                     json.dump(results, f, indent=1)
                 continue
-            res = run_one(name, runtime)
+            res = anchored(run_one(name, runtime))
             res["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
             res["command"] = " ".join(["python"] + sys.argv)
             results["runs"][f"{name}/{runtime}/{FLAGS.size}"] = res

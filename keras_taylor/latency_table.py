@@ -68,6 +68,7 @@ from keras_taylor import latency as latency_lib
 RUNTIMES = ("tf", "tflite", "onnxruntime")
 _FRACTIONS = (1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8)
 FORMAT = "keras_taylor.latency_table/1"
+WHOLE_MODEL_BLOCK_MS = 25.0  # timing block of whole models (calibration, plan_for_latency)
 
 L = keras.layers
 _RIDERS = (
@@ -310,6 +311,8 @@ class LatencyTable:
         calibration: `None`, or the whole-model calibration (see
             `calibrate`): `{"coef": [a0, a1, a2], "points": [...]}` — the
             prediction is then `a0 + a1·Σ segments + a2·Σ residual Melements`.
+        threads: the tflite/onnxruntime thread count it was measured with
+            (None: the runtime's default); `plan_for_latency` times with it.
     """
 
     def __init__(self, layers, fixed_ms, full_ms, runtime, batch_size, device, versions, model_name="", calibration=None, threads=None):
@@ -356,7 +359,9 @@ class LatencyTable:
                 sampled). Defaults to eighths 1/8 … 7/8; fewer build faster.
             threads: thread count for `"tflite"`/`"onnxruntime"` (the
                 deployment's; on a loaded machine 1 is far steadier). Defaults
-                to the runtime's default. Ignored by `"tf"`.
+                to the runtime's default. Ignored by `"tf"` (set its pools with
+                `tf.config.threading` before TF starts; their size is part of
+                the cache key).
             cache_dir: where the JSON cache lives. Defaults to
                 `$KERAS_TAYLOR_CACHE` or `~/.cache/keras_taylor/latency`.
             verbose: 1 shows a `keras.utils.Progbar`, 0 nothing.
@@ -427,7 +432,7 @@ class LatencyTable:
         table.fixed_ms = full_ms - table.predict(plain)
         if calibrate:
             calibration_rounds = int(calibration_rounds or 3 * rounds)
-            cal_key = _hash(f"{full_key}|calibrate={calibrate}|seed={seed}|rounds={calibration_rounds}|{sorted((k, _hash(json.dumps(v, sort_keys=True))) for k, v in layers.items())}")
+            cal_key = _hash(f"{full_key}|calibrate={calibrate}|seed={seed}|rounds={calibration_rounds}|block={WHOLE_MODEL_BLOCK_MS}|{sorted((k, _hash(json.dumps(v, sort_keys=True))) for k, v in layers.items())}")
             cal = cache.get(cal_key)
             if cal is None:
                 # Whole models are timed as a user runs them (call overhead included: `a0` holds it).
@@ -507,6 +512,10 @@ class LatencyTable:
 
         if isinstance(n, bool) or not isinstance(n, int) or n < 2:
             raise ValueError(f"Expected n to be an integer >= 2. Received: n={n!r}")
+        if not callable(measure):
+            raise ValueError(f"Expected measure to be a callable {{name: model}} -> {{name: ms}}. Received: measure={measure!r}")
+        if not 0.0 < low <= high <= 1.0:
+            raise ValueError(f"Expected 0 < low <= high <= 1. Received: low={low!r}, high={high!r}")
         graph = graph_lib.analyze(model, on_unknown="freeze")
         rng = np.random.default_rng([int(seed), 7919])
         models, feats = {"dense": model}, {"dense": self.features(graph, graph.alive_ids(()))}
@@ -590,10 +599,14 @@ class LatencyTable:
             return cls.from_dict(json.load(f))
 
 
-def _runtime_timer(runtime, batch_size, threads, rounds, rng, overhead=0.0):
+def _runtime_timer(runtime, batch_size, threads, rounds, rng, overhead=0.0, block_ms=WHOLE_MODEL_BLOCK_MS):
     """`{name: model} -> {name: ms}`: the models run on `runtime`, timed
     together in interleaved rounds (minimum of per-round means, the runtime's
-    per-call `overhead` subtracted) — what the table's entries are."""
+    per-call `overhead` subtracted). Each round runs a model for a block of
+    about `block_ms` (several calls, so that a block is not one call on
+    caches the other models just evicted; on tf, the dense MobileNetV2 at 64²
+    measured 5.8 ms among 7 models and 6.7 ms among 45 with one-call blocks —
+    the cause was not isolated, see docs/latency.md)."""
 
     built: dict = {}  # id(model) -> (model, runner): a model timed again is not converted again
 
@@ -603,7 +616,7 @@ def _runtime_timer(runtime, batch_size, threads, rounds, rng, overhead=0.0):
             if id(m) not in built:
                 built[id(m)] = (m, _runner(m, runtime, batch_size, rng, threads))
             runners[k] = built[id(m)][1]
-        return {k: max(v - overhead, 1e-9) for k, v in _time(runners, rounds, rng).items()}
+        return {k: max(v - overhead, 1e-9) for k, v in _time(runners, rounds, rng, block_ms).items()}
 
     return measure
 
@@ -618,9 +631,10 @@ def _hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def _time(runners: dict, rounds: int, rng) -> dict:
+def _time(runners: dict, rounds: int, rng, block_ms: float = 5.0) -> dict:
     """Minimum over rounds of per-round mean ms, interleaved (`latency.time_callables`)."""
-    return {k: v["min_ms"] for k, v in latency_lib.time_callables(runners, rounds=rounds, seed=int(rng.integers(1 << 30))).items()}
+    timed = latency_lib.time_callables(runners, rounds=rounds, target_ms=block_ms, seed=int(rng.integers(1 << 30)))
+    return {k: v["min_ms"] for k, v in timed.items()}
 
 
 def _measure_segment(seg: _Segment, runtime, batch_size, step, rounds, rng, overhead, fractions=_FRACTIONS, threads=None) -> dict:
@@ -745,6 +759,8 @@ def plan_for_latency(
         raise ValueError(f"Expected tolerance to be a number >= 0. Received: tolerance={tolerance!r}")
     if not callable(getattr(table, "cost_terms", None)):
         raise ValueError(f"Expected table to be a keras_taylor.LatencyTable. Received: table={table!r}")
+    if measure is not None and not callable(measure):
+        raise ValueError(f"Expected measure to be None or a callable {{name: model}} -> {{name: ms}}. Received: measure={measure!r}")
     graph = graph_lib.analyze(model, on_unknown="freeze")
     terms = selection.cost_terms(graph, table)
     dense_pred = terms.evaluate(graph.alive_ids(()))

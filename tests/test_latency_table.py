@@ -226,6 +226,8 @@ def test_calibration_recovers_known_coefficients():
     assert prof.latency_ms == pytest.approx(table.predict(pruned))
     with pytest.raises(ValueError, match="n to be an integer"):
         table.calibrate(model, 1, fake)
+    with pytest.raises(ValueError, match="measure"):
+        table.calibrate(model, 3, {"dense": 1.0})
 
 
 def test_measure_calibrates_and_caches_the_calibration(tmp_path, monkeypatch):
@@ -270,3 +272,5 @@ def test_closed_loop_converges_on_a_fake_runtime(name, target):
         kt.plan_for_latency(model, scores, table, 1.5, measure=fake)
     with pytest.raises(ValueError, match="LatencyTable"):
         kt.plan_for_latency(model, scores, "flops", 0.5, measure=fake)
+    with pytest.raises(ValueError, match="measure"):
+        kt.plan_for_latency(model, scores, table, 0.5, measure="tflite")
