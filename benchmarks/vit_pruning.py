@@ -2,12 +2,12 @@
 fine-tuning: MLP units only, heads + MLP units, heads + MLP units + embedding
 width, and a dense ViT of about half the FLOPs trained as long (control).
 
-    python benchmarks/vit_pruning.py --seed 0 --variants mlp_only,heads+mlp_abs_per_flop,heads+mlp+emb,control \
-        --out benchmarks/results/vit_pruning_seed0.json
+    python benchmarks/vit_pruning.py --seed 0 --train_subset 6000 --dense_epochs 5 --prune_epochs 3 \
+        --prune_every 5 --out benchmarks/results/vit_pruning_seed0.json   # ≈4 min; seeds 0-3 in docs/attention.md
     python benchmarks/vit_pruning.py --quick    # smoke run, ≈1 min
 
 One dense ViT (`keras_taylor.models.vit`: 7×7 patches, width 64, 4 pre-norm
-blocks of 4 heads, MLP 256) is trained on a training subset; two copies of it
+blocks of 4 heads, MLP 256) is trained on a training subset; copies of it
 are then pruned with `TaylorPruning(target=0.5, metric="flops")` while
 training continues for the same number of epochs and with the same data order:
 
