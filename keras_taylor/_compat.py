@@ -331,7 +331,9 @@ def reshape_with_unknown_batch():
     KerasHub's MiT layers write it, is recorded as `reshape(x, (-1, h, w, c))`
     (a second `-1` is resolved from the static sizes). Used only to trace
     composite layers (`keras_taylor.tracing`), whose traced graph is then
-    checked against the layer on real inputs."""
+    checked against the layer on real inputs. It replaces the public
+    `keras.ops.reshape` for the duration, so it is not thread-safe: do not
+    build other models in other threads while a model is being traced."""
     original = keras.ops.reshape
 
     def reshape(x, newshape):

@@ -266,12 +266,19 @@ def clone_with(model: keras.Model, clone_function, op_config=None) -> keras.Mode
     def clone(op):
         if isinstance(op, keras.layers.Layer):
             return clone_function(op)
-        if op_config is not None:
-            return op.__class__.from_config(op_config(op, op.get_config()))
         # A stateless `keras.ops` node: a fresh copy, so the user's model does
-        # not gain call history; reused when it cannot be rebuilt.
+        # not gain call history; reused when it cannot be rebuilt (and its
+        # config is not changed).
         try:
-            return op.__class__.from_config(op.get_config())
+            config = op.get_config()
+        except Exception:
+            return op
+        if op_config is not None:
+            changed = op_config(op, config)
+            if changed is not config:
+                return op.__class__.from_config(changed)
+        try:
+            return op.__class__.from_config(config)
         except Exception:
             return op
 

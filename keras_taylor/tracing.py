@@ -14,13 +14,26 @@ How:
 
 * The graph is replayed node by node (`_compat.run_graph`). A node whose layer
   has no registered handler, owns no weights of its own (all its variables
-  belong to sublayers) and has sublayers is *traced*: a copy of the layer
-  (rebuilt from its config, built by one symbolic call, weights copied) runs
-  its `call` directly, not through `__call__`, so its sublayers' calls and the
-  ops are recorded as nodes. Each traced call is checked once against
-  the layer on random inputs, which catches a `call` whose graph depends on
-  run-time values (a `Resizing(ops.shape(x)[1], ...)` made inside `call`). The recorded call arguments go along unchanged:
-  `training=` reaches the sublayers the way the layer's own `call` passes it.
+  belong to sublayers) and has sublayers is *traced*: its `call` runs directly
+  on the KerasTensors, not through `__call__`, so its sublayers' calls and the
+  ops are recorded as nodes. It runs on a copy of the layer (rebuilt from its
+  config, built by one symbolic call, weights copied) when that copy takes the
+  layer's weights, else on the user's layer itself: tracing records `call`, so
+  the composite's own config does not matter (KerasHub's ViT `MLP`, DeiT's and
+  MiT's encoders, whose configs do not rebuild them). The user's sublayers
+  that this puts in the graph are then copied from their own configs by one
+  more pass, under unique names; at the end the user's layers get their names
+  back and lose the nodes tracing added to them.
+* When that trace fails it is tried once more with the layer's composite
+  sublayers' `call` run directly (a sublayer Keras cannot call symbolically:
+  DeiT's block returns `(output, None)`) and with
+  `_compat.reshape_with_unknown_batch` (MiT's `ops.reshape(x, (ops.shape(x)[0],
+  ...))`, whose batch size is `None` on KerasTensors).
+* Each traced call is checked once against the layer on random inputs at two
+  sizes, which catches a `call` whose graph depends on run-time values (a
+  `Resizing(ops.shape(x)[1], ...)` made inside `call`). The recorded call
+  arguments go along unchanged: `training=` reaches the sublayers the way the
+  layer's own `call` passes it.
 * Every other layer is copied from its config with its weights (reused as is
   when its config cannot rebuild it; `nesting.copy_layer`), so the user's
   model and layers get no new nodes and keep their own weights.
@@ -31,8 +44,8 @@ How:
 * A handler registered for the layer's class (`register_handler`) wins: such
   a layer is never traced, so a user can still say how their layer prunes.
 * Where tracing is impossible (Python control flow on tensor values,
-  backend-specific ops, a layer that holds its own variables, a config that
-  cannot rebuild the layer), the layer stays one fixed unit, as
+  backend-specific ops, a layer that holds its own variables), the layer
+  stays one fixed unit, as
   `on_unknown="freeze"` treats it, and a warning names it and says why.
 """
 

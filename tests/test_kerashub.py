@@ -32,6 +32,8 @@ RELOAD_FAILS = {
 # Transformers: the MLPs (and keras.layers.MultiHeadAttention heads) prune;
 # KerasHub's own attention/embedding layers stay fixed units.
 PARTIAL = {"dinov2", "vit", "deit", "mit", "segformer"}
+# Composite layers that cannot be traced (a fixed unit each), and why.
+UNTRACEABLE = {"deeplab_v3": ["spatial_pyramid_pooling"]}  # makes a Resizing from ops.shape(x) inside call
 
 
 def _check(name, tmp_path, taylor=True):
@@ -40,8 +42,9 @@ def _check(name, tmp_path, taylor=True):
         assert row["groups"] == 0
         return row
     assert row["groups"] > 0
-    if name not in PARTIAL:
-        assert row["untraced"] == [] and row["unknown_layers"] == [], row
+    assert row["untraced"] == UNTRACEABLE.get(name, []), row
+    if name not in PARTIAL and name not in UNTRACEABLE:
+        assert row["unknown_layers"] == [], row
         assert row["prunable_mac_share"] >= 0.9, row
     assert row["max_rel_error"] <= 1e-5, row
     assert row["flops_ratio"] < 1.0 and row["params_ratio"] < 1.0

@@ -200,6 +200,36 @@ def test_composite_whose_config_cannot_rebuild_it_is_traced_all_the_same(tmp_pat
     np.testing.assert_allclose(keras.saving.load_model(path)(_x()), pruned(_x()), rtol=1e-6, atol=1e-6)
 
 
+class NoConfigBranch(ValueBranch):
+    """Untraceable (after calling its sublayer), and its config cannot
+    rebuild it either."""
+
+    def __init__(self, k, **kwargs):
+        super().__init__(**kwargs)
+        self.k = k
+        self.conv = layers.Conv2D(4, 1, name="inner_conv")
+
+    def call(self, x):
+        y = self.conv(x)
+        return y if ops.convert_to_numpy(ops.sum(y)) > 0 else -y
+
+    def get_config(self):
+        return layers.Layer.get_config(self)
+
+
+def test_failed_trace_of_the_users_layer_leaves_no_trace():
+    block = NoConfigBranch(1, name="nb")
+    model = _model(block, filters=4)
+    names = [l.name for l in block._flatten_layers()]
+    nodes = [(len(l._inbound_nodes), len(l._outbound_nodes)) for l in block._flatten_layers(include_self=False)]
+    with pytest.warns(UserWarning, match=r"Cannot trace layer 'nb' of class NoConfigBranch"):
+        flat = tracing.inline_composite_layers(model)
+    assert flat.get_layer("nb") is block  # reused as is: its config cannot copy it
+    assert [l.name for l in block._flatten_layers()] == names
+    assert [(len(l._inbound_nodes), len(l._outbound_nodes)) for l in block._flatten_layers(include_self=False)] == nodes
+    np.testing.assert_allclose(flat(_x()), model(_x()), rtol=1e-5, atol=1e-6)
+
+
 class PairOut(layers.Layer):
     """Returns `(output, None)` (KerasHub's DeiTEncoderBlock): Keras refuses
     a symbolic call of it, a node's outputs must all be tensors."""
