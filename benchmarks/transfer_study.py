@@ -438,7 +438,7 @@ def plot(summary: dict, path: str) -> None:
         pts = sorted((v["flops_mean"], v["top1_mean"], v["top1_std"]) for k, v in summary.items()
                      if "|" in k and k.split("|")[0] == crit)
         f, m, s = map(np.array, zip(*pts))
-        ax.errorbar(f + (i - len(crits) / 2) * 0.004, m, yerr=s, marker="o", capsize=3, label=crit,
+        ax.errorbar(f + (i - len(crits) / 2) * 0.0015, m, yerr=s, marker="o", capsize=3, label=crit,
                     linestyle="--" if "mean_group" in crit else "-")
     dense = [v for v in summary["dense"]["top1_per_seed"].values()]
     if dense:
