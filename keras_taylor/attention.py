@@ -58,6 +58,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_taylor import _compat
 from keras_taylor import criteria as criteria_lib
 from keras_taylor import gates as gates_lib
 from keras_taylor import handlers as handlers_lib
@@ -449,6 +450,56 @@ class TokenHandler(handlers_lib.LayerHandler):
         return handlers_lib.Cost(b=float(out_shapes[0][-2] + 1))
 
 
+class PatchEmbeddingHandler(handlers_lib.LayerHandler):
+    """A patch-embedding layer that holds every parameter writing the
+    embedding channels itself: KerasHub's `ViTPatchingAndEmbedding` (a
+    Conv2D patch embedding, a class token and a position `Embedding`) and
+    `DeiTEmbeddings` (also a distillation and a mask token). Registered by
+    `prune_embedding` when keras_hub is importable.
+
+    Every weight of the layer has the embedding channels on its last axis
+    (the patch kernel `(ph, pw, C, D)`, its bias, the tokens `(1, 1, D)`, the
+    positions `(P, D)` or `(1, P, D)`), and the output is
+    `concat(tokens, conv(x)) + pos` per channel, so channels stay apart and
+    the layer makes the group's channels, like a Conv. It adds learned
+    vectors, so a gate scales all of them (parameter-side, as `TokenHandler`):
+    a channel whose gate is 0 is exactly zero. Surgery slices every weight's
+    last axis and writes the kept count into `hidden_dim`.
+    """
+
+    creates_channels = True
+    needs_gate = True
+
+    def propagate(self, layer, in_maps, in_shapes, out_shapes, ctx):
+        return [ctx.new_ids(out_shapes[0][-1])]
+
+    def gate_variables(self, layer):
+        return list(layer.weights)
+
+    def slice(self, layer, config, weights, kept_in, kept_out):
+        config = dict(config)
+        config["hidden_dim"] = int(len(kept_out[0]))
+        if hasattr(layer, "use_patch_bias"):  # ViT: not in its get_config
+            config["use_patch_bias"] = bool(layer.use_patch_bias)
+        conv = layer.patch_embedding
+        kernel_shape = tuple(conv.kernel.shape)
+        out = []
+        for w in weights:
+            if tuple(w.shape) == kernel_shape:  # (ph, pw, C, D): input channels too
+                w = w[..., kept_in[0], :]
+            out.append(w[..., kept_out[0]])
+        return config, out
+
+    def macs(self, layer, in_shapes, out_shapes):
+        conv = layer.patch_embedding
+        return handlers_lib.Cost(a=float(layer.num_patches * math.prod(conv.kernel_size)))
+
+    def params(self, layer, in_shapes, out_shapes):
+        kernel = layer.patch_embedding.kernel
+        per_channel = sum(math.prod(w.shape) for w in layer.weights if w is not kernel) / int(kernel.shape[-1])
+        return handlers_lib.Cost(a=float(math.prod(layer.patch_embedding.kernel_size)), b=float(per_channel))
+
+
 class EmbeddingNormHandler(handlers_lib.LayerHandler):
     """`LayerNormalization` over the channel axis as a member of the
     embedding (residual-stream) group, opt-in through `prune_embedding`.
@@ -583,6 +634,12 @@ def prune_embedding(enabled: bool = True, head_dims: bool = False) -> None:
     handler = AttentionHandler(head_dims=head_dims, embedding=enabled)
     handlers_lib.register_handler(L.MultiHeadAttention, handler)
     handlers_lib.register_handler(L.LayerNormalization, EmbeddingNormHandler() if enabled else handlers_lib.FixingHandler())
+    # KerasHub's patch embeddings: registered while embedding pruning is on
+    # (without it the stream is fixed at the first LayerNormalization anyway).
+    handlers_lib._REGISTRY[:] = [(c, h) for c, h in handlers_lib._REGISTRY if not isinstance(h, PatchEmbeddingHandler)]
+    if enabled:
+        for cls in _compat.kerashub_patch_embeddings():
+            handlers_lib.register_handler(cls, PatchEmbeddingHandler())
 
 
 # ---- ranking across kinds ---------------------------------------------------------

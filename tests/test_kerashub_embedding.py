@@ -1,0 +1,98 @@
+"""Embedding (residual-stream) width pruning on KerasHub's ViT family, with
+`kt.attention.prune_embedding()` on: the patch embedding
+(`ViTPatchingAndEmbedding`, `DeiTEmbeddings`: `attention.PatchEmbeddingHandler`),
+every LayerNormalization, residual add, attention and MLP of the traced
+encoder, and the pooled class token (`x[:, 0]`, `handlers.GetItemOpHandler`)
+form one channel group; heads and MLP units prune with it."""
+
+import keras
+import numpy as np
+import pytest
+
+keras_hub = pytest.importorskip("keras_hub")
+
+import keras_taylor as kt  # noqa: E402
+from keras_taylor import testing  # noqa: E402
+from tests import kerashub_zoo as zoo  # noqa: E402
+
+
+@pytest.fixture
+def embedding():
+    kt.attention.prune_embedding()
+    try:
+        yield
+    finally:
+        kt.attention.prune_embedding(False)
+
+
+def _classifier(name):
+    backbone = zoo.MODELS[name]()
+    if name == "vit":
+        return keras_hub.models.ViTImageClassifier(backbone=backbone, num_classes=3)
+    return keras_hub.models.DeiTImageClassifier(backbone=backbone, num_classes=3)
+
+
+def _rel(a, b):
+    return float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(np.asarray(b))))
+
+
+EMBED = {"vit": "vit_patching_and_embedding", "deit": "deit_embeddings"}
+
+
+@pytest.mark.parametrize("name", ["vit"])
+def test_kerashub_vit_embedding_is_one_group_and_prunes_exactly(embedding, name, tmp_path):
+    model = _classifier(name)
+    gated = kt.add_gates(model)
+    graph = kt.analyze(gated)
+    emb = graph.groups_of_layer_output(EMBED[name])
+    assert len(emb) == 16 and (emb >= 0).all() and len(set(emb.tolist())) == 16
+    norms = [l for l in gated.layers if isinstance(l, kt.attention.NormGate)]
+    assert len(norms) == 5  # 2 per block + the final LayerNormalization
+    for layer in norms:
+        np.testing.assert_array_equal(graph.groups_of_layer_output(layer.name), emb)
+    heads = [l for l in gated.layers if isinstance(l, kt.attention.HeadGate)]
+    assert len(heads) == 2
+    # One group of 16 embedding channels, 2×(1 free head + 32 MLP units).
+    assert graph.num_groups == 16 + 2 * (1 + 32)
+
+    rng = np.random.default_rng(0)
+    removed = set(rng.choice(emb, size=5, replace=False).tolist())
+    removed |= testing.random_groups(graph, 0.3, rng) - set(emb.tolist())
+    for h in heads:  # one head of each attention layer goes
+        g = graph.groups_of_layer_output(h.name)[:2]
+        removed.add(int(g[g >= 0][0]))
+    for layer in kt.gates.gate_layers(gated):
+        g = graph.groups_of_layer_output(layer.name)
+        layer.gate.assign(np.where((g >= 0) & np.isin(g, list(removed)), 0.0, 1.0).astype("float32"))
+    pruned = kt.apply_plan(gated, kt.PruningPlan.from_groups(graph, removed))
+    x = np.random.default_rng(1).normal(size=(2, *zoo.SIZE)).astype("float32")
+    want, got, dense = (np.asarray(m(x, training=False)) for m in (gated, pruned, model))
+    assert _rel(got, want) <= 1e-5
+    assert _rel(want, dense) > 1e-3  # not vacuous
+
+    width = 16 - 5
+    embed = pruned.get_layer(EMBED[name])
+    assert type(embed).__name__ == "ViTPatchingAndEmbedding" and embed.hidden_dim == width
+    assert all(w.shape[-1] == width for w in embed.weights)
+    assert pruned.get_layer("predictions").kernel.shape[0] == width
+    assert [l.num_heads for l in pruned.layers if isinstance(l, keras.layers.MultiHeadAttention)] == [1, 1]
+    assert all(l.gamma.shape == (width,) for l in pruned.layers if isinstance(l, keras.layers.LayerNormalization))
+    assert kt.profile(pruned).params == pruned.count_params()
+    assert kt.profile(pruned).flops < kt.profile(model).flops
+
+    # Saving works; reloading fails on KerasHub's own ViTPatchingAndEmbedding
+    # config (it lists num_patches/num_positions its __init__ refuses: any
+    # model holding the layer fails so, docs/kerashub.md §5).
+    path = str(tmp_path / "vit_embedding.keras")
+    pruned.save(path)
+    kinds = sorted({type(l).__module__.split(".")[0] for l in pruned.layers} - {"keras"})
+    assert kinds == ["keras_hub"]
+    with pytest.raises(TypeError, match="num_patches"):
+        keras.saving.load_model(path)
+
+
+def test_prune_embedding_off_leaves_kerashub_patch_embedding_unknown():
+    kt.attention.prune_embedding()
+    kt.attention.prune_embedding(False)
+    graph = kt.analyze(zoo.vit(), on_unknown="freeze")
+    assert graph.unknown_layers == ["vit_patching_and_embedding"]
