@@ -36,10 +36,11 @@ def _rel(a, b):
     return float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(np.asarray(b))))
 
 
-EMBED = {"vit": "vit_patching_and_embedding", "deit": "deit_embeddings"}
+EMBED = {"vit": "vit_patching_and_embedding", "deit": "deit_patching_and_embedding"}
+EMBED_CLASS = {"vit": "ViTPatchingAndEmbedding", "deit": "DeiTEmbeddings"}
 
 
-@pytest.mark.parametrize("name", ["vit"])
+@pytest.mark.parametrize("name", ["vit", "deit"])
 def test_kerashub_vit_embedding_is_one_group_and_prunes_exactly(embedding, name, tmp_path):
     model = _classifier(name)
     gated = kt.add_gates(model)
@@ -72,7 +73,7 @@ def test_kerashub_vit_embedding_is_one_group_and_prunes_exactly(embedding, name,
 
     width = 16 - 5
     embed = pruned.get_layer(EMBED[name])
-    assert type(embed).__name__ == "ViTPatchingAndEmbedding" and embed.hidden_dim == width
+    assert type(embed).__name__ == EMBED_CLASS[name] and embed.hidden_dim == width
     assert all(w.shape[-1] == width for w in embed.weights)
     assert pruned.get_layer("predictions").kernel.shape[0] == width
     assert [l.num_heads for l in pruned.layers if isinstance(l, keras.layers.MultiHeadAttention)] == [1, 1]
