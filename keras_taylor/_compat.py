@@ -178,22 +178,25 @@ def application_layers() -> dict:
     return found
 
 
-def kerashub_patch_embeddings() -> list:
-    """KerasHub's patch-embedding layers that `attention.PatchEmbeddingHandler`
-    describes (`ViTPatchingAndEmbedding`, `DeiTEmbeddings`); empty when
-    keras_hub is not installed. Imported only when asked for (keras_hub is
-    slow to import)."""
-    found = []
-    for module, name in (
-        ("keras_hub.src.models.vit.vit_layers", "ViTPatchingAndEmbedding"),
-        ("keras_hub.src.models.deit.deit_layers", "DeiTEmbeddings"),
+def kerashub_embedding_layers() -> dict:
+    """KerasHub's layers of the ViT family's residual stream that
+    `attention.prune_embedding` gives handlers (`ViTPatchingAndEmbedding`,
+    `DeiTEmbeddings`, `DINOV2Embedding`, `DINOV2LayerScale`), by class name;
+    empty when keras_hub is not installed. Imported only when asked for
+    (keras_hub is slow to import)."""
+    found = {}
+    for module, names in (
+        ("keras_hub.src.models.vit.vit_layers", ("ViTPatchingAndEmbedding",)),
+        ("keras_hub.src.models.deit.deit_layers", ("DeiTEmbeddings",)),
+        ("keras_hub.src.models.dinov2.dinov2_layers", ("DINOV2Embedding", "DINOV2LayerScale")),
     ):
         try:
-            mod = __import__(module, fromlist=[name])
+            mod = __import__(module, fromlist=list(names))
         except ImportError:
             continue
-        if hasattr(mod, name):
-            found.append(getattr(mod, name))
+        for name in names:
+            if hasattr(mod, name):
+                found[name] = getattr(mod, name)
     return found
 
 

@@ -476,13 +476,22 @@ class PatchEmbeddingHandler(handlers_lib.LayerHandler):
     def gate_variables(self, layer):
         return list(layer.weights)
 
+    @staticmethod
+    def _conv(layer):
+        convs = [l for l in layer._flatten_layers(include_self=False) if isinstance(l, L.Conv2D)]
+        if len(convs) != 1:
+            raise ValueError(
+                f"Expected one Conv2D patch embedding in {layer.name!r} ({type(layer).__name__}). "
+                f"Received: {len(convs)}."
+            )
+        return convs[0]
+
     def slice(self, layer, config, weights, kept_in, kept_out):
         config = dict(config)
         config["hidden_dim"] = int(len(kept_out[0]))
         if hasattr(layer, "use_patch_bias"):  # ViT: not in its get_config
             config["use_patch_bias"] = bool(layer.use_patch_bias)
-        conv = layer.patch_embedding
-        kernel_shape = tuple(conv.kernel.shape)
+        kernel_shape = tuple(self._conv(layer).kernel.shape)
         out = []
         for w in weights:
             if tuple(w.shape) == kernel_shape:  # (ph, pw, C, D): input channels too
@@ -491,13 +500,15 @@ class PatchEmbeddingHandler(handlers_lib.LayerHandler):
         return config, out
 
     def macs(self, layer, in_shapes, out_shapes):
-        conv = layer.patch_embedding
-        return handlers_lib.Cost(a=float(layer.num_patches * math.prod(conv.kernel_size)))
+        conv = self._conv(layer)
+        spatial = in_shapes[0][1:3] if conv.data_format == "channels_last" else in_shapes[0][2:4]
+        patches = math.prod(int(s) // int(k) for s, k in zip(spatial, conv.strides))
+        return handlers_lib.Cost(a=float(patches * math.prod(conv.kernel_size)))
 
     def params(self, layer, in_shapes, out_shapes):
-        kernel = layer.patch_embedding.kernel
-        per_channel = sum(math.prod(w.shape) for w in layer.weights if w is not kernel) / int(kernel.shape[-1])
-        return handlers_lib.Cost(a=float(math.prod(layer.patch_embedding.kernel_size)), b=float(per_channel))
+        conv = self._conv(layer)
+        per_channel = sum(math.prod(w.shape) for w in layer.weights if w is not conv.kernel) / int(conv.kernel.shape[-1])
+        return handlers_lib.Cost(a=float(math.prod(conv.kernel_size)), b=float(per_channel))
 
 
 class EmbeddingNormHandler(handlers_lib.LayerHandler):
@@ -634,12 +645,25 @@ def prune_embedding(enabled: bool = True, head_dims: bool = False) -> None:
     handler = AttentionHandler(head_dims=head_dims, embedding=enabled)
     handlers_lib.register_handler(L.MultiHeadAttention, handler)
     handlers_lib.register_handler(L.LayerNormalization, EmbeddingNormHandler() if enabled else handlers_lib.FixingHandler())
-    # KerasHub's patch embeddings: registered while embedding pruning is on
-    # (without it the stream is fixed at the first LayerNormalization anyway).
-    handlers_lib._REGISTRY[:] = [(c, h) for c, h in handlers_lib._REGISTRY if not isinstance(h, PatchEmbeddingHandler)]
+    # KerasHub's patch embeddings and DINOv2's LayerScale: registered while
+    # embedding pruning is on (without it the stream is fixed at the first
+    # LayerNormalization anyway), and only then is keras_hub imported.
+    handlers_lib._REGISTRY[:] = [e for e in handlers_lib._REGISTRY if not any(e is r for r in _KERASHUB_REGISTERED)]
+    _KERASHUB_REGISTERED.clear()
     if enabled:
-        for cls in _compat.kerashub_patch_embeddings():
-            handlers_lib.register_handler(cls, PatchEmbeddingHandler())
+        found = _compat.kerashub_embedding_layers()
+        for name, handler in (
+            ("ViTPatchingAndEmbedding", PatchEmbeddingHandler()),
+            ("DeiTEmbeddings", PatchEmbeddingHandler()),
+            ("DINOV2Embedding", PatchEmbeddingHandler()),
+            ("DINOV2LayerScale", handlers_lib.ChannelScaleHandler()),
+        ):
+            if name in found:
+                handlers_lib.register_handler(found[name], handler)
+                _KERASHUB_REGISTERED.append(handlers_lib._REGISTRY[0])
+
+
+_KERASHUB_REGISTERED: list = []  # registry entries prune_embedding made for KerasHub layers
 
 
 # ---- ranking across kinds ---------------------------------------------------------

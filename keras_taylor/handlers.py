@@ -672,12 +672,14 @@ class OpHandler(LayerHandler):
 
 
 class ChannelScaleHandler(LayerHandler):
-    """`y = x * gamma` with one weight per channel (ConvNeXt's LayerScale)."""
+    """`y = x * gamma` with one weight per channel (ConvNeXt's LayerScale,
+    KerasHub's `DINOV2LayerScale` while `attention.prune_embedding` is on)."""
 
     def slice(self, layer, config, weights, kept_in, kept_out):
         config = dict(config)
-        if "projection_dim" in config:
-            config["projection_dim"] = int(len(kept_out[0]))
+        for key in ("projection_dim", "hidden_dim"):  # ConvNeXt's LayerScale, DINOv2's
+            if key in config:
+                config[key] = int(len(kept_out[0]))
         return config, [w[kept_out[0]] for w in weights]
 
     def params(self, layer, in_shapes, out_shapes):

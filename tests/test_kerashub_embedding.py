@@ -29,18 +29,28 @@ def _classifier(name):
     backbone = zoo.MODELS[name]()
     if name == "vit":
         return keras_hub.models.ViTImageClassifier(backbone=backbone, num_classes=3)
-    return keras_hub.models.DeiTImageClassifier(backbone=backbone, num_classes=3)
+    if name == "deit":
+        return keras_hub.models.DeiTImageClassifier(backbone=backbone, num_classes=3)
+    inputs = keras.Input(zoo.SIZE)  # DINOv2: the class token into a Dense head
+    return keras.Model(inputs, keras.layers.Dense(3, name="predictions")(backbone(inputs)[:, 0]))
 
 
 def _rel(a, b):
     return float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(np.asarray(b))))
 
 
-EMBED = {"vit": "vit_patching_and_embedding", "deit": "deit_patching_and_embedding"}
-EMBED_CLASS = {"vit": "ViTPatchingAndEmbedding", "deit": "DeiTEmbeddings"}
+EMBED = {"vit": "vit_patching_and_embedding", "deit": "deit_patching_and_embedding", "dinov2": "embeddings"}
+EMBED_CLASS = {"vit": "ViTPatchingAndEmbedding", "deit": "DeiTEmbeddings", "dinov2": "DINOV2Embedding"}
+# KerasHub layers the pruned model still holds (registered serializables:
+# reloading needs `import keras_hub`, no custom_objects).
+KERASHUB_LEFT = {
+    "vit": ["ViTPatchingAndEmbedding"],
+    "deit": ["DeiTEmbeddings"],
+    "dinov2": ["DINOV2Embedding", "DINOV2LayerScale"],
+}
 
 
-@pytest.mark.parametrize("name", ["vit", "deit"])
+@pytest.mark.parametrize("name", ["vit", "deit", "dinov2"])
 def test_kerashub_vit_embedding_is_one_group_and_prunes_exactly(embedding, name, tmp_path):
     model = _classifier(name)
     gated = kt.add_gates(model)
@@ -81,15 +91,22 @@ def test_kerashub_vit_embedding_is_one_group_and_prunes_exactly(embedding, name,
     assert kt.profile(pruned).params == pruned.count_params()
     assert kt.profile(pruned).flops < kt.profile(model).flops
 
-    # Saving works; reloading fails on KerasHub's own ViTPatchingAndEmbedding
-    # config (it lists num_patches/num_positions its __init__ refuses: any
-    # model holding the layer fails so, docs/kerashub.md §5).
-    path = str(tmp_path / "vit_embedding.keras")
+    left = sorted({type(l).__name__ for l in pruned.layers if type(l).__module__.startswith("keras_hub")})
+    assert left == KERASHUB_LEFT[name]
+    assert all(type(l).__module__.split(".")[0] in ("keras", "keras_hub") for l in pruned.layers)
+    if name == "dinov2":
+        assert all(l.lambda1.shape == (width,) for l in pruned.layers if type(l).__name__ == "DINOV2LayerScale")
+    path = str(tmp_path / f"{name}_embedding.keras")
     pruned.save(path)
-    kinds = sorted({type(l).__module__.split(".")[0] for l in pruned.layers} - {"keras"})
-    assert kinds == ["keras_hub"]
-    with pytest.raises(TypeError, match="num_patches"):
-        keras.saving.load_model(path)
+    if name == "dinov2":
+        loaded = keras.saving.load_model(path)  # no custom_objects: keras_hub is imported
+        assert _rel(loaded(x, training=False), got) <= 1e-6
+    else:
+        # KerasHub's own ViTPatchingAndEmbedding/DeiTEmbeddings config lists
+        # num_patches/num_positions, which its __init__ refuses: any model
+        # holding the layer fails so, pruned or not (docs/kerashub.md §5).
+        with pytest.raises(TypeError, match="num_patches"):
+            keras.saving.load_model(path)
 
 
 def test_prune_embedding_off_leaves_kerashub_patch_embedding_unknown():
