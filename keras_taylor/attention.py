@@ -38,7 +38,8 @@ key/value group) one channel group of the analysis (`keras_taylor.graph`):
   every `Add`, every `LayerNormalization` (gated by `NormGate`, which
   normalises over the live channels so that surgery equals masking), the
   query/key/value and MLP inputs, the attention output projections, the MLP
-  outputs and the head (NViT's embedding group).
+  outputs and the head (NViT's embedding group); KerasHub's ViT, DeiT and
+  DINOv2 patch embeddings through `PatchEmbeddingHandler`.
 
 References:
     Michel, Levy, Neubig. "Are Sixteen Heads Really Better than One?"
@@ -631,6 +632,13 @@ def prune_embedding(enabled: bool = True, head_dims: bool = False) -> None:
     gated model is trained and pruned); `prune_embedding(False)` restores
     the default handlers. `GroupQueryAttention` keeps its output width (it
     follows the query width), so a stream through GQA stays whole.
+
+    When keras_hub is importable it also registers `PatchEmbeddingHandler`
+    for KerasHub's `ViTPatchingAndEmbedding`, `DeiTEmbeddings` and
+    `DINOV2Embedding`, and `ChannelScaleHandler` for `DINOV2LayerScale`, so
+    the embedding width of `ViTBackbone`, `DeiTBackbone` and
+    `DINOV2Backbone` prunes too (keras_hub is imported here, not when
+    keras_taylor is); `prune_embedding(False)` removes them.
 
     Args:
         enabled: register the embedding handlers (`True`) or the defaults

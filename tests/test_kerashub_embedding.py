@@ -63,6 +63,10 @@ def test_kerashub_vit_embedding_is_one_group_and_prunes_exactly(embedding, name,
         np.testing.assert_array_equal(graph.groups_of_layer_output(layer.name), emb)
     heads = [l for l in gated.layers if isinstance(l, kt.attention.HeadGate)]
     assert len(heads) == 2
+    scales = [l for l in gated.layers if type(l).__name__ == "DINOV2LayerScale"]
+    assert len(scales) == (4 if name == "dinov2" else 0)
+    for layer in scales:  # per-channel lambda1 on each residual branch: in the group
+        np.testing.assert_array_equal(graph.group_of_comp[graph.comp_of[graph.first_node(layer.name).out_maps[0]]], emb)
     # One group of 16 embedding channels, 2×(1 free head + 32 MLP units).
     assert graph.num_groups == 16 + 2 * (1 + 32)
 
