@@ -118,3 +118,45 @@ def test_prune_embedding_off_leaves_kerashub_patch_embedding_unknown():
     kt.attention.prune_embedding(False)
     graph = kt.analyze(zoo.vit(), on_unknown="freeze")
     assert graph.unknown_layers == ["vit_patching_and_embedding"]
+
+
+def test_kerashub_vit_embedding_is_scored_and_pruned_by_taylor_pruning(embedding):
+    """The patch embedding's parameter-side gate (class token, patch conv,
+    position Embedding) gets gradient scores in a real train step, and
+    TaylorPruning removes embedding channels along with heads/MLP units."""
+    model = _classifier("vit")
+    gated = kt.add_gates(model)
+    gated.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, *zoo.SIZE)).astype("float32")
+    y = rng.integers(0, 3, 16)
+    embed = gated.get_layer(EMBED["vit"])
+    assert isinstance(embed, kt.ChannelGate)
+    cb = kt.TaylorPruning(target=0.5, prune_every=2, channels_per_step=8, criterion=kt.attention.PerFlop())
+    gated.fit(x, y, batch_size=4, epochs=2, callbacks=[cb], verbose=0)
+    assert cb.history and cb.history[-1]["flops_fraction"] < 1.0
+    assert np.isfinite(np.asarray(embed.score)).all()
+    pruned = kt.prune(gated)
+    want = np.asarray(gated(x[:2], training=False))
+    assert _rel(pruned(x[:2], training=False), want) <= 1e-5
+    assert kt.profile(pruned).flops < kt.profile(model).flops
+
+
+@pytest.mark.parametrize("name", ["vit", "deit", "dinov2"])
+def test_kerashub_patch_embedding_gate_zeroes_its_channels_exactly(embedding, name):
+    """The gate scales every weight of the embedding layer (tokens, patch
+    conv, positions, also a sublayer's): a channel at gate 0 is exactly 0
+    (on every token), the others are unchanged."""
+    gated = kt.add_gates(_classifier(name))
+    embed = gated.get_layer(EMBED[name])
+    assert isinstance(embed, kt.ChannelGate) and embed.mode == "params"
+    probe = keras.Model(gated.inputs, embed.output)
+    x = np.random.default_rng(2).normal(size=(2, *zoo.SIZE)).astype("float32")
+    before = np.asarray(probe(x, training=False))
+    gate = np.ones(16, "float32")
+    gate[[3, 9]] = 0.0
+    embed.gate.assign(gate)
+    after = np.asarray(probe(x, training=False))
+    assert np.all(np.abs(before[..., [3, 9]]) > 0)
+    assert np.all(after[..., [3, 9]] == 0.0)
+    np.testing.assert_array_equal(np.delete(after, [3, 9], axis=-1), np.delete(before, [3, 9], axis=-1))
