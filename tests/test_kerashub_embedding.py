@@ -94,6 +94,9 @@ def test_kerashub_vit_embedding_is_one_group_and_prunes_exactly(embedding, name,
     assert all(l.gamma.shape == (width,) for l in pruned.layers if isinstance(l, keras.layers.LayerNormalization))
     assert kt.profile(pruned).params == pruned.count_params()
     assert kt.profile(pruned).flops < kt.profile(model).flops
+    # The patch embedding's MACs by hand: 16 patches × (8·8·3) inputs × width filters.
+    assert kt.profile(pruned).by_name()[EMBED[name]].flops == 16 * 8 * 8 * 3 * width
+    assert kt.profile(model).by_name()[EMBED[name]].flops == 16 * 8 * 8 * 3 * 16
 
     left = sorted({type(l).__name__ for l in pruned.layers if type(l).__module__.startswith("keras_hub")})
     assert left == KERASHUB_LEFT[name]
