@@ -178,6 +178,28 @@ def application_layers() -> dict:
     return found
 
 
+def kerashub_embedding_layers() -> dict:
+    """KerasHub's layers of the ViT family's residual stream that
+    `attention.prune_embedding` gives handlers (`ViTPatchingAndEmbedding`,
+    `DeiTEmbeddings`, `DINOV2Embedding`, `DINOV2LayerScale`), by class name;
+    empty when keras_hub is not installed. Imported only when asked for
+    (keras_hub is slow to import)."""
+    found = {}
+    for module, names in (
+        ("keras_hub.src.models.vit.vit_layers", ("ViTPatchingAndEmbedding",)),
+        ("keras_hub.src.models.deit.deit_layers", ("DeiTEmbeddings",)),
+        ("keras_hub.src.models.dinov2.dinov2_layers", ("DINOV2Embedding", "DINOV2LayerScale")),
+    ):
+        try:
+            mod = __import__(module, fromlist=list(names))
+        except ImportError:
+            continue
+        for name in names:
+            if hasattr(mod, name):
+                found[name] = getattr(mod, name)
+    return found
+
+
 # --------------------------------------------------------------------------
 # Nested models (keras_taylor.nesting).
 # --------------------------------------------------------------------------
@@ -313,14 +335,14 @@ def concrete_shapes(model, input_shapes) -> dict:
 
 
 def structural_op_classes() -> dict:
-    """`keras.ops` operations that move channels (pad, split, reductions, reshape),
+    """`keras.ops` operations that move channels (pad, split, reductions, reshape, `x[key]`),
     for the handlers of `keras_taylor.handlers` (absent ones are skipped)."""
     from keras.src.ops import numpy as knp
 
     def found(names):
         return tuple(getattr(knp, n) for n in names if hasattr(knp, n))
 
-    return {"pad": found(("Pad",)), "split": found(("Split",)), "reduce": found(("Mean", "Sum", "Max", "Min", "Amax", "Amin")), "reshape": found(("Reshape",))}
+    return {"pad": found(("Pad",)), "split": found(("Split",)), "reduce": found(("Mean", "Sum", "Max", "Min", "Amax", "Amin")), "reshape": found(("Reshape",)), "getitem": found(("GetItem",))}
 
 
 @contextlib.contextmanager
@@ -357,6 +379,15 @@ def reshape_with_unknown_batch():
         yield
     finally:
         keras.ops.reshape = original
+
+
+def recorded_call_args(op) -> tuple:
+    """The positional arguments of the first symbolic call of a `keras.ops`
+    operation (the `key` of `x[key]`, a `GetItem`); `()` when it has none."""
+    nodes = getattr(op, "_inbound_nodes", None) or []
+    if not nodes:
+        return ()
+    return tuple(nodes[0].arguments.args)
 
 
 def recorded_call_kwargs(op) -> dict:

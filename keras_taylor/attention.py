@@ -38,7 +38,8 @@ key/value group) one channel group of the analysis (`keras_taylor.graph`):
   every `Add`, every `LayerNormalization` (gated by `NormGate`, which
   normalises over the live channels so that surgery equals masking), the
   query/key/value and MLP inputs, the attention output projections, the MLP
-  outputs and the head (NViT's embedding group).
+  outputs and the head (NViT's embedding group); KerasHub's ViT, DeiT and
+  DINOv2 patch embeddings through `PatchEmbeddingHandler`.
 
 References:
     Michel, Levy, Neubig. "Are Sixteen Heads Really Better than One?"
@@ -58,6 +59,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_taylor import _compat
 from keras_taylor import criteria as criteria_lib
 from keras_taylor import gates as gates_lib
 from keras_taylor import handlers as handlers_lib
@@ -449,6 +451,67 @@ class TokenHandler(handlers_lib.LayerHandler):
         return handlers_lib.Cost(b=float(out_shapes[0][-2] + 1))
 
 
+class PatchEmbeddingHandler(handlers_lib.LayerHandler):
+    """A patch-embedding layer that holds every parameter writing the
+    embedding channels itself: KerasHub's `ViTPatchingAndEmbedding` (a
+    Conv2D patch embedding, a class token and a position `Embedding`) and
+    `DeiTEmbeddings` (also a distillation and a mask token). Registered by
+    `prune_embedding` when keras_hub is importable.
+
+    Every weight of the layer has the embedding channels on its last axis
+    (the patch kernel `(ph, pw, C, D)`, its bias, the tokens `(1, 1, D)`, the
+    positions `(P, D)` or `(1, P, D)`), and the output is
+    `concat(tokens, conv(x)) + pos` per channel, so channels stay apart and
+    the layer makes the group's channels, like a Conv. It adds learned
+    vectors, so a gate scales all of them (parameter-side, as `TokenHandler`):
+    a channel whose gate is 0 is exactly zero. Surgery slices every weight's
+    last axis and writes the kept count into `hidden_dim`.
+    """
+
+    creates_channels = True
+    needs_gate = True
+
+    def propagate(self, layer, in_maps, in_shapes, out_shapes, ctx):
+        return [ctx.new_ids(out_shapes[0][-1])]
+
+    def gate_variables(self, layer):
+        return list(layer.weights)
+
+    @staticmethod
+    def _conv(layer):
+        convs = [l for l in layer._flatten_layers(include_self=False) if isinstance(l, L.Conv2D)]
+        if len(convs) != 1:
+            raise ValueError(
+                f"Expected one Conv2D patch embedding in {layer.name!r} ({type(layer).__name__}). "
+                f"Received: {len(convs)}."
+            )
+        return convs[0]
+
+    def slice(self, layer, config, weights, kept_in, kept_out):
+        config = dict(config)
+        config["hidden_dim"] = int(len(kept_out[0]))
+        if hasattr(layer, "use_patch_bias"):  # ViT: not in its get_config
+            config["use_patch_bias"] = bool(layer.use_patch_bias)
+        kernel_shape = tuple(self._conv(layer).kernel.shape)
+        out = []
+        for w in weights:
+            if tuple(w.shape) == kernel_shape:  # (ph, pw, C, D): input channels too
+                w = w[..., kept_in[0], :]
+            out.append(w[..., kept_out[0]])
+        return config, out
+
+    def macs(self, layer, in_shapes, out_shapes):
+        conv = self._conv(layer)
+        spatial = in_shapes[0][1:3] if conv.data_format == "channels_last" else in_shapes[0][2:4]
+        patches = math.prod(int(s) // int(k) for s, k in zip(spatial, conv.strides))
+        return handlers_lib.Cost(a=float(patches * math.prod(conv.kernel_size)))
+
+    def params(self, layer, in_shapes, out_shapes):
+        conv = self._conv(layer)
+        per_channel = sum(math.prod(w.shape) for w in layer.weights if w is not conv.kernel) / int(conv.kernel.shape[-1])
+        return handlers_lib.Cost(a=float(math.prod(conv.kernel_size)), b=float(per_channel))
+
+
 class EmbeddingNormHandler(handlers_lib.LayerHandler):
     """`LayerNormalization` over the channel axis as a member of the
     embedding (residual-stream) group, opt-in through `prune_embedding`.
@@ -570,6 +633,13 @@ def prune_embedding(enabled: bool = True, head_dims: bool = False) -> None:
     the default handlers. `GroupQueryAttention` keeps its output width (it
     follows the query width), so a stream through GQA stays whole.
 
+    When keras_hub is importable it also registers `PatchEmbeddingHandler`
+    for KerasHub's `ViTPatchingAndEmbedding`, `DeiTEmbeddings` and
+    `DINOV2Embedding`, and `ChannelScaleHandler` for `DINOV2LayerScale`, so
+    the embedding width of `ViTBackbone`, `DeiTBackbone` and
+    `DINOV2Backbone` prunes too (keras_hub is imported here, not when
+    keras_taylor is); `prune_embedding(False)` removes them.
+
     Args:
         enabled: register the embedding handlers (`True`) or the defaults
             (`False`). Defaults to `True`.
@@ -583,6 +653,25 @@ def prune_embedding(enabled: bool = True, head_dims: bool = False) -> None:
     handler = AttentionHandler(head_dims=head_dims, embedding=enabled)
     handlers_lib.register_handler(L.MultiHeadAttention, handler)
     handlers_lib.register_handler(L.LayerNormalization, EmbeddingNormHandler() if enabled else handlers_lib.FixingHandler())
+    # KerasHub's patch embeddings and DINOv2's LayerScale: registered while
+    # embedding pruning is on (without it the stream is fixed at the first
+    # LayerNormalization anyway), and only then is keras_hub imported.
+    handlers_lib._REGISTRY[:] = [e for e in handlers_lib._REGISTRY if not any(e is r for r in _KERASHUB_REGISTERED)]
+    _KERASHUB_REGISTERED.clear()
+    if enabled:
+        found = _compat.kerashub_embedding_layers()
+        for name, handler in (
+            ("ViTPatchingAndEmbedding", PatchEmbeddingHandler()),
+            ("DeiTEmbeddings", PatchEmbeddingHandler()),
+            ("DINOV2Embedding", PatchEmbeddingHandler()),
+            ("DINOV2LayerScale", handlers_lib.ChannelScaleHandler()),
+        ):
+            if name in found:
+                handlers_lib.register_handler(found[name], handler)
+                _KERASHUB_REGISTERED.append(handlers_lib._REGISTRY[0])
+
+
+_KERASHUB_REGISTERED: list = []  # registry entries prune_embedding made for KerasHub layers
 
 
 # ---- ranking across kinds ---------------------------------------------------------

@@ -672,12 +672,14 @@ class OpHandler(LayerHandler):
 
 
 class ChannelScaleHandler(LayerHandler):
-    """`y = x * gamma` with one weight per channel (ConvNeXt's LayerScale)."""
+    """`y = x * gamma` with one weight per channel (ConvNeXt's LayerScale,
+    KerasHub's `DINOV2LayerScale` while `attention.prune_embedding` is on)."""
 
     def slice(self, layer, config, weights, kept_in, kept_out):
         config = dict(config)
-        if "projection_dim" in config:
-            config["projection_dim"] = int(len(kept_out[0]))
+        for key in ("projection_dim", "hidden_dim"):  # ConvNeXt's LayerScale, DINOv2's
+            if key in config:
+                config[key] = int(len(kept_out[0]))
         return config, [w[kept_out[0]] for w in weights]
 
     def params(self, layer, in_shapes, out_shapes):
@@ -826,6 +828,64 @@ class ReduceOpHandler(LayerHandler):
         return [out if len(out_shapes[0]) > 1 else None]
 
 
+class GetItemOpHandler(LayerHandler):
+    """`x[key]` on a symbolic tensor (`keras.ops` `GetItem`; KerasHub's
+    `ViTImageClassifier` pools the class token with `x[:, 0]`).
+
+    A key of ints and slices (one `Ellipsis` at most) that takes the whole
+    channel axis (`:` or the `Ellipsis` covers it) and leaves the batch axis
+    whole only selects positions: each channel keeps its id, the channel axis
+    moves left by the int indices before it, a zero channel stays zero, and
+    the key does not change with pruning. Any other key (indexing or slicing
+    the channels, `None`/`newaxis`, tensor indices) fixes the channels.
+    """
+
+    @staticmethod
+    def _subkeys(layer, rank):
+        """The key per input axis, or `None` when it is not ints and slices."""
+        args = _compat.recorded_call_args(layer)
+        key = args[1] if len(args) > 1 else _compat.recorded_call_kwargs(layer).get("key")
+        key = list(key) if isinstance(key, (tuple, list)) else [key]
+        simple = all(k is Ellipsis or isinstance(k, slice) or (isinstance(k, (int, np.integer)) and not isinstance(k, bool)) for k in key)
+        if not simple or sum(k is Ellipsis for k in key) > 1:
+            return None
+        if Ellipsis not in key:
+            key.append(Ellipsis)
+        at = key.index(Ellipsis)
+        fill = rank - (len(key) - 1)
+        if fill < 0:
+            return None
+        return key[:at] + [slice(None)] * fill + key[at + 1 :]
+
+    @staticmethod
+    def _whole(k) -> bool:
+        return isinstance(k, slice) and k.start is None and k.stop is None and k.step in (None, 1)
+
+    def _channels_kept(self, layer, rank, axis):
+        subkeys = self._subkeys(layer, rank)
+        return subkeys is not None and axis is not None and self._whole(subkeys[axis]) and self._whole(subkeys[0]), subkeys
+
+    def propagate(self, layer, in_maps, in_shapes, out_shapes, ctx):
+        rank = len(in_shapes[0])
+        axis = _channel_axis(ctx, rank)
+        ok, _ = self._channels_kept(layer, rank, axis)
+        if ok:
+            return [in_maps[0]]
+        reason = f"{layer.name!r} (x[key]) indexes the channel or batch axis"
+        ctx.fix(in_maps[0], reason)
+        out = ctx.new_ids(out_shapes[0][-1] if len(out_shapes[0]) > 1 else 1)
+        ctx.fix(out, reason)
+        return [out]
+
+    def out_axes(self, layer, in_axes, in_shapes, out_shapes):
+        rank = len(in_shapes[0])
+        axis = in_axes[0]
+        ok, subkeys = self._channels_kept(layer, rank, axis)
+        if not ok:
+            return None
+        return [axis - sum(1 for k in subkeys[:axis] if not isinstance(k, slice))]
+
+
 # --------------------------------------------------------------------------
 # Registry.
 # --------------------------------------------------------------------------
@@ -914,6 +974,7 @@ for _kind, _classes in _compat.op_classes().items():
 _structural = _compat.structural_op_classes()
 for _handler, _key in (
     (PadOpHandler(), "pad"), (SplitOpHandler(), "split"), (ReduceOpHandler(), "reduce"), (ReshapeOpHandler(), "reshape"),
+    (GetItemOpHandler(), "getitem"),
 ):
     for _cls in _structural[_key]:
         register_handler(_cls, _handler)

@@ -414,6 +414,37 @@ def test_pad_of_the_channel_axis_fixes_the_channels():
     assert any("pads the channel axis" in r for r in graph.fixed_reason.values())
 
 
+def test_getitem_over_positions_keeps_channels_prunable_and_exact():
+    model = _op_model(lambda x: x[:, 1:-1, ::2])
+    graph, pruned = _prune_first_groups(model)
+    assert (graph.groups_of_layer_output("b1") >= 0).all()
+    assert pruned.get_layer("c1").filters < 6
+
+
+def test_getitem_of_a_position_moves_the_channel_axis_and_prunes_exactly():
+    # x[:, 0] (a ViT's class token): (B, 12, 12, 6) -> (B, 12, 6), channels last.
+    inputs = keras.Input((12, 12, 3))
+    x = layers.Conv2D(6, 3, padding="same", name="c1")(inputs)
+    x = layers.ReLU(name="r1")(layers.BatchNormalization(name="b1")(x))
+    x = layers.Dense(4, name="d")(x[:, 0])
+    model = randomize_bn(keras.Model(inputs, layers.Dense(3, name="out")(layers.Flatten()(x))))
+    graph, pruned = _prune_first_groups(model)
+    assert (graph.groups_of_layer_output("b1") >= 0).all()
+    assert pruned.get_layer("d").kernel.shape[0] == pruned.get_layer("c1").filters < 6
+
+
+@pytest.mark.parametrize("key", ["channels", "ellipsis_channels", "batch"])
+def test_getitem_of_channels_or_batch_fixes_the_channels(key):
+    op = {
+        "channels": lambda x: x[:, :, :, :4],
+        "ellipsis_channels": lambda x: x[..., 2:],
+        "batch": lambda x: ops.expand_dims(x[0], 0),
+    }[key]
+    graph = kt.analyze(_op_model(op), on_unknown="freeze")
+    assert (graph.groups_of_layer_output("c1") < 0).all()
+    assert any("(x[key]) indexes the channel or batch axis" in r for r in graph.fixed_reason.values())
+
+
 def _split_model(sections):
     inputs = keras.Input((12, 12, 3))
     x = layers.Conv2D(6, 3, padding="same", name="c1")(inputs)
