@@ -133,15 +133,9 @@ def groups_for_target(graph, cost, order, target: float) -> tuple:
     """Shortest prefix of `order` with FLOPs <= target x original (bisection;
     FLOPs only fall as groups are removed)."""
     full = cost.evaluate(graph.alive_ids(()))[0]
-    lo, hi = 0, len(order)  # FLOPs(prefix hi) <= target
     if cost.evaluate(graph.alive_ids(order))[0] > target * full:
         raise ValueError(f"Cannot reach {target} of the FLOPs without emptying a layer.")
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if cost.evaluate(graph.alive_ids(order[:mid]))[0] <= target * full:
-            hi = mid
-        else:
-            lo = mid + 1
+    hi = kt.selection.shortest_prefix_within(graph, cost, order, target)
     return set(order[:hi]), cost.evaluate(graph.alive_ids(order[:hi]))[0] / full
 
 

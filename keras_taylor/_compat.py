@@ -163,19 +163,10 @@ def op_classes() -> dict:
 
 def application_layers() -> dict:
     """Custom layers of keras.applications (absent ones are skipped)."""
-    found = {}
-    for module, names in (
+    return _classes_by_name((
         ("keras.src.applications.convnext", ("LayerScale", "StochasticDepth")),
         ("keras.src.applications.inception_resnet_v2", ("CustomScaleLayer",)),
-    ):
-        try:
-            mod = __import__(module, fromlist=list(names))
-        except ImportError:
-            continue
-        for name in names:
-            if hasattr(mod, name):
-                found[name] = getattr(mod, name)
-    return found
+    ))
 
 
 def kerashub_embedding_layers() -> dict:
@@ -184,12 +175,18 @@ def kerashub_embedding_layers() -> dict:
     `DeiTEmbeddings`, `DINOV2Embedding`, `DINOV2LayerScale`), by class name;
     empty when keras_hub is not installed. Imported only when asked for
     (keras_hub is slow to import)."""
-    found = {}
-    for module, names in (
+    return _classes_by_name((
         ("keras_hub.src.models.vit.vit_layers", ("ViTPatchingAndEmbedding",)),
         ("keras_hub.src.models.deit.deit_layers", ("DeiTEmbeddings",)),
         ("keras_hub.src.models.dinov2.dinov2_layers", ("DINOV2Embedding", "DINOV2LayerScale")),
-    ):
+    ))
+
+
+def _classes_by_name(specs) -> dict:
+    """`{name: class}` for `(module, names)` pairs; modules that do not
+    import and names they lack are skipped."""
+    found = {}
+    for module, names in specs:
         try:
             mod = __import__(module, fromlist=list(names))
         except ImportError:

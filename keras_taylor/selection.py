@@ -145,6 +145,22 @@ def random_removal(graph: graph_lib.ChannelGraph, fraction: float, rng, *, min_c
     return set(taken)
 
 
+def shortest_prefix_within(graph: graph_lib.ChannelGraph, cost, order, target: float) -> int:
+    """Length of the shortest prefix of the removal `order` whose FLOPs are at
+    or under `target` × the dense FLOPs (`cost`: a `flops.CostModel` of
+    `graph`), by bisection — FLOPs only fall as groups are removed. Returns
+    `len(order)` when even the whole order stays above the target."""
+    full = cost.evaluate(graph.alive_ids(()))[0]
+    lo, hi = 0, len(order)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if cost.evaluate(graph.alive_ids(order[:mid]))[0] <= target * full:
+            hi = mid
+        else:
+            lo = mid + 1
+    return hi
+
+
 def random_flops_removal(
     graph: graph_lib.ChannelGraph, target: float, rng, *, multiple: int | None = None, min_channels: int = 1
 ) -> set:
@@ -163,14 +179,7 @@ def random_flops_removal(
     full = cost.evaluate(graph.alive_ids(()))[0]
     scores = rng.uniform(size=graph.num_groups)
     order, _ = greedy_removal(graph, scores, min_channels=min_channels)
-    lo, hi = 0, len(order)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if cost.evaluate(graph.alive_ids(order[:mid]))[0] <= target * full:
-            hi = mid
-        else:
-            lo = mid + 1
-    removed = set(order[:hi])
+    removed = set(order[: shortest_prefix_within(graph, cost, order, target)])
     if multiple and multiple > 1:
         removed = align_to_target(
             graph, removed, scores, multiple, lambda r: cost.evaluate(graph.alive_ids(r))[0] / full, target,
