@@ -734,6 +734,15 @@ class PadOpHandler(LayerHandler):
         return None
 
 
+def _fixed_through(in_maps, out_shapes, ctx, reason: str) -> list:
+    """For an op that moves channels in a way no rule follows: fixes its
+    input channels and returns new output channels, fixed too."""
+    ctx.fix(in_maps[0], reason)
+    out = ctx.new_ids(out_shapes[0][-1] if len(out_shapes[0]) > 1 else 1)
+    ctx.fix(out, reason)
+    return [out]
+
+
 class ReshapeOpHandler(LayerHandler):
     """`keras.ops.reshape` node (KerasHub's MiT: tokens `(B, H*W, C)` to a
     map `(B, H, W, C)` and back around its depthwise conv).
@@ -751,10 +760,7 @@ class ReshapeOpHandler(LayerHandler):
         if axis == rank - 1 and len(target) > 1 and target[-1] != -1 and out_shapes[0][-1] == in_shapes[0][-1]:
             return [in_maps[0]]
         reason = f"{layer.name!r} (ops.reshape) does not keep the channels as its last axis"
-        ctx.fix(in_maps[0], reason)
-        out = ctx.new_ids(out_shapes[0][-1] if len(out_shapes[0]) > 1 else 1)
-        ctx.fix(out, reason)
-        return [out]
+        return _fixed_through(in_maps, out_shapes, ctx, reason)
 
     def slice(self, layer, config, weights, kept_in, kept_out):
         target = list(config.get("newshape", ()))
@@ -872,10 +878,7 @@ class GetItemOpHandler(LayerHandler):
         if ok:
             return [in_maps[0]]
         reason = f"{layer.name!r} (x[key]) indexes the channel or batch axis"
-        ctx.fix(in_maps[0], reason)
-        out = ctx.new_ids(out_shapes[0][-1] if len(out_shapes[0]) > 1 else 1)
-        ctx.fix(out, reason)
-        return [out]
+        return _fixed_through(in_maps, out_shapes, ctx, reason)
 
     def out_axes(self, layer, in_axes, in_shapes, out_shapes):
         rank = len(in_shapes[0])
@@ -951,7 +954,10 @@ def get_handler(layer) -> LayerHandler | None:
 L = keras.layers
 _PLAIN_CONVS = (L.Conv1D, L.Conv2D, L.Conv3D)
 
-for _cls in (
+#: Layers that act on each channel alone and keep channel ids (dropout,
+#: pooling, padding, cropping, upsampling); latency tables time them with the
+#: layer whose output they ride on.
+CHANNELWISE_LAYERS = (
     L.Dropout, L.SpatialDropout1D, L.SpatialDropout2D, L.SpatialDropout3D,
     L.MaxPooling1D, L.MaxPooling2D, L.MaxPooling3D,
     L.AveragePooling1D, L.AveragePooling2D, L.AveragePooling3D,
@@ -960,8 +966,9 @@ for _cls in (
     L.ZeroPadding1D, L.ZeroPadding2D, L.ZeroPadding3D,
     L.Cropping1D, L.Cropping2D, L.Cropping3D,
     L.UpSampling1D, L.UpSampling2D, L.UpSampling3D,
-    L.Identity, L.Resizing,
-):
+    L.Identity,
+)
+for _cls in CHANNELWISE_LAYERS + (L.Resizing,):
     register_handler(_cls, PassThroughHandler())
 for _cls in (L.Normalization, L.Rescaling, L.LayerNormalization, L.GroupNormalization, L.UnitNormalization):
     register_handler(_cls, FixingHandler())

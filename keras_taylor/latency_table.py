@@ -63,6 +63,7 @@ import keras
 import numpy as np
 
 from keras_taylor import graph as graph_lib
+from keras_taylor import handlers as handlers_lib
 from keras_taylor import latency as latency_lib
 
 RUNTIMES = ("tf", "tflite", "onnxruntime")
@@ -71,18 +72,11 @@ FORMAT = "keras_taylor.latency_table/1"
 WHOLE_MODEL_BLOCK_MS = 25.0  # timing block of whole models (calibration, plan_for_latency)
 
 L = keras.layers
+# Channel-wise layers timed with the layer whose output they ride on.
 _RIDERS = (
     L.BatchNormalization, L.Activation, L.ReLU, L.LeakyReLU, L.ELU, L.PReLU,
     L.DepthwiseConv1D, L.DepthwiseConv2D,
-    L.ZeroPadding1D, L.ZeroPadding2D, L.ZeroPadding3D,
-    L.Cropping1D, L.Cropping2D, L.Cropping3D,
-    L.MaxPooling1D, L.MaxPooling2D, L.MaxPooling3D,
-    L.AveragePooling1D, L.AveragePooling2D, L.AveragePooling3D,
-    L.GlobalAveragePooling1D, L.GlobalAveragePooling2D, L.GlobalAveragePooling3D,
-    L.GlobalMaxPooling1D, L.GlobalMaxPooling2D, L.GlobalMaxPooling3D,
-    L.UpSampling1D, L.UpSampling2D, L.UpSampling3D,
-    L.Dropout, L.SpatialDropout1D, L.SpatialDropout2D, L.SpatialDropout3D, L.Identity,
-)
+) + handlers_lib.CHANNELWISE_LAYERS
 
 
 def sample_widths(full: int, step: int = 8, multiple_of: int = 1, fractions=_FRACTIONS) -> list:
