@@ -18,11 +18,17 @@ machine) and runtime (`tf`, `tflite`; batch 1):
    importance, widths multiples of 8, closed loop of at most `--iterations`
    measured plans, tolerance 0.02), and for contrast the FLOPs knapsack with
    the same scores at the FLOPs the latency plan reached.
-4. A final check: the dense model, the prunings and both targeted models of
-   every target timed together in `--check_rounds` interleaved rounds
-   (minimum of per-round means), compared with `table.predict` (calibrated)
-   and the uncalibrated table's prediction; target cells report the final
-   check's ratio (and the loop's own measurement).
+4. A final check, anchored: the prunings and both targeted models of every
+   target timed in groups of at most `--group` models, each group together
+   with the dense model, `--check_rounds` interleaved rounds (minimum of
+   per-round means) — the context of the calibration (dense + `--calibrate`
+   prunings) and of the closed loop. Compared with `table.predict`
+   (calibrated) and the uncalibrated table's prediction, both absolutely
+   (predicted ms ÷ measured ms) and anchored (predicted ÷ predicted dense,
+   over measured ÷ the same group's measured dense); the dense model's time
+   in every group and in the calibration is recorded (the drift over the
+   run). Target cells report the ratio to their group's dense model (and the
+   loop's own measurement).
 
 `--threads N` sets the LiteRT interpreter's threads and TF's intra/inter-op
 pools (1 on this shared 2-core machine: far steadier). `--build_only` only
@@ -65,6 +71,7 @@ flags.DEFINE_integer("rounds", 7, "Interleaved timing rounds of the table's segm
 flags.DEFINE_integer("check_rounds", 21, "Interleaved rounds of whole-model timings (calibration, closed loop, final check).")
 flags.DEFINE_integer("seed", 0, "Seed.")
 flags.DEFINE_integer("threads", None, "Threads: tflite/onnxruntime (table and check) and TF's intra/inter-op pools; default: the runtime's.")
+flags.DEFINE_integer("group", 6, "Final check: models per timing group, each group timed with the dense model (anchor).")
 flags.DEFINE_integer("calibrate", 8, "Random prunings the table is calibrated on (disjoint from the evaluated ones).")
 flags.DEFINE_integer("iterations", 4, "Most plans (= measurements) of the closed loop per latency target.")
 flags.DEFINE_list("targets", ["0.7", "0.5", "0.3"], "One-shot knapsack latency targets (random scores, aligned to 8).")
@@ -164,34 +171,49 @@ def run_one(name, runtime):
             "predicted_fraction": table.predict(pruned) / dense_pred, "flops_fraction": fl,
             "flops_pruned_flops_fraction": kt.profile(fpruned).flops / kt.profile(model).flops,
         }
-    # Final check: everything timed together, interleaved.
-    models = {"dense": model}
-    models.update({f"p{i}": v["model"] for i, v in enumerate(variants)})
+    # Final check, anchored: the models are timed in groups of at most --group, each group
+    # interleaved with the dense model (the calibration's context: dense + --calibrate
+    # prunings), so every measurement has the dense model of its own group beside it.
+    others = {f"p{i}": v["model"] for i, v in enumerate(variants)}
     for t, v in targeted.items():
-        models[f"t{t}"] = v["model"]
-        models[f"f{t}"] = v["flops_model"]
-    timed = timer(models)  # models the loop timed are not converted again
+        others[f"t{t}"] = v["model"]
+        others[f"f{t}"] = v["flops_model"]
+    names = list(others)
+    timed, dense_of, group_dense = {}, {}, []
+    for g in range(0, len(names), FLAGS.group):
+        chunk = names[g:g + FLAGS.group]
+        ms = timer({"dense": model, **{k: others[k] for k in chunk}})  # models the loop timed are not converted again
+        group_dense.append(ms["dense"])
+        for k in chunk:
+            timed[k], dense_of[k] = ms[k], ms["dense"]
+    dense_pred_u = uncal.predict(model)
     rows = []
     for i, v in enumerate(variants):
         meas = timed[f"p{i}"]
         row = {
             "target_flops": v["target_flops"], "flops_fraction": v["flops_fraction"], "aligned8": v["aligned8"],
-            "measured_min_ms": meas,
+            "measured_min_ms": meas, "group_dense_ms": dense_of[f"p{i}"],
         }
-        for key, tab in (("", table), ("uncalibrated_", uncal)):
+        for key, tab, dp in (("", table, dense_pred), ("uncalibrated_", uncal, dense_pred_u)):
             row[key + "predicted_ms"] = tab.predict(v["model"])
             row[key + "pred_over_meas"] = row[key + "predicted_ms"] / meas
+            row[key + "anchored_pred_over_meas"] = (row[key + "predicted_ms"] / dp) / (meas / dense_of[f"p{i}"])
         rows.append(row)
-    err = np.abs(np.array([r["pred_over_meas"] for r in rows]) - 1.0)
-    err_u = np.abs(np.array([r["uncalibrated_pred_over_meas"] for r in rows]) - 1.0)
-    dense = timed["dense"]
+
+    def errors(key):
+        return np.abs(np.array([r[key] for r in rows]) - 1.0)
+
+    err, err_u = errors("pred_over_meas"), errors("uncalibrated_pred_over_meas")
+    err_a, err_ua = errors("anchored_pred_over_meas"), errors("uncalibrated_anchored_pred_over_meas")
+    dense = float(np.median(group_dense))
+    cal_dense = next((p["ms"] for p in (table.calibration or {}).get("points", []) if p["name"] == "dense"), None)
     target_rows = [
         {"target": t, "predicted_fraction": v["predicted_fraction"], "flops_fraction": v["flops_fraction"],
-         "measured_fraction": timed[f"t{t}"] / dense,
+         "measured_fraction": timed[f"t{t}"] / dense_of[f"t{t}"],
          "loop_measured_fraction": min(v["history"], key=lambda h: abs(h["measured_fraction"] - t))["measured_fraction"],
          "measurements": len(v["history"]), "loop_s": v["loop_s"], "history": v["history"],
          "flops_targeted_flops_fraction": v["flops_pruned_flops_fraction"],
-         "flops_targeted_measured_fraction": timed[f"f{t}"] / dense}
+         "flops_targeted_measured_fraction": timed[f"f{t}"] / dense_of[f"f{t}"]}
         for t, v in targeted.items()
     ]
     return {
@@ -199,9 +221,13 @@ def run_one(name, runtime):
         "table_build_s": build_s, "calibrate_s": calibrate_s, "table_cached_s": cached_s, "segments": len(table.layers),
         "calibration": table.calibration,
         "dense_predicted_ms": table.predict(model), "dense_measured_min_ms": dense,
+        "check_protocol": f"anchored groups: dense + at most {FLAGS.group} models, {FLAGS.check_rounds} interleaved rounds each",
+        "group_dense_ms": group_dense, "calibration_dense_ms": cal_dense,
         "table_full_ms": table.full_ms, "uncalibrated_fixed_ms": uncal.fixed_ms,
         "median_abs_err": float(np.median(err)), "worst_abs_err": float(err.max()),
         "uncalibrated_median_abs_err": float(np.median(err_u)), "uncalibrated_worst_abs_err": float(err_u.max()),
+        "anchored_median_abs_err": float(np.median(err_a)), "anchored_worst_abs_err": float(err_a.max()),
+        "uncalibrated_anchored_median_abs_err": float(np.median(err_ua)), "uncalibrated_anchored_worst_abs_err": float(err_ua.max()),
         "prunings": rows, "latency_targets": target_rows, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
     }
 
@@ -212,8 +238,8 @@ def anchored(res):
     On a shared machine the absolute level drifts between sessions (the dense
     model measured ±15% apart between the calibration and the check on tf);
     a ratio is what a latency target is, and this is its error."""
-    if "prunings" not in res:
-        return res
+    if "prunings" not in res or "check_protocol" in res:
+        return res  # new runs carry their anchored errors, measured per group
     dp, dm = res["dense_predicted_ms"], res["dense_measured_min_ms"]
     for key in ("", "uncalibrated_"):
         if key == "uncalibrated_" and "uncalibrated_predicted_ms" not in res["prunings"][0]:
@@ -260,7 +286,10 @@ def main(argv):
                 f"{name} {runtime} {FLAGS.size}²: table {res['table_build_s']:.0f} s ({res['segments']} segments), "
                 f"calibration {res['calibrate_s']:.0f} s, cached {res['table_cached_s']:.2f} s; coef {res['calibration'] and res['calibration']['coef']}; "
                 f"predicted/measured median |err| {res['median_abs_err']:.3f}, worst {res['worst_abs_err']:.3f} "
-                f"(uncalibrated {res['uncalibrated_median_abs_err']:.3f}/{res['uncalibrated_worst_abs_err']:.3f}); load {res['loadavg_before']}; targets "
+                f"(uncalibrated {res['uncalibrated_median_abs_err']:.3f}/{res['uncalibrated_worst_abs_err']:.3f}); "
+                f"anchored {res.get('anchored_median_abs_err', float('nan')):.3f}/{res.get('anchored_worst_abs_err', float('nan')):.3f}; "
+                f"intercept {res['calibration'] and res['calibration'].get('intercept')}; dense per group {[round(d, 2) for d in res.get('group_dense_ms', [])]} "
+                f"(calibration {res.get('calibration_dense_ms')}); load {res['loadavg_before']}; targets "
                 + ", ".join(f"{r['target']}: measured {r['measured_fraction']:.3f} (loop {r['loop_measured_fraction']:.3f} in {r['measurements']}, "
                             f"pred {r['predicted_fraction']:.3f}, FLOPs {r['flops_fraction']:.3f}; FLOPs-targeted {r['flops_targeted_measured_fraction']:.3f})"
                             for r in res["latency_targets"]),

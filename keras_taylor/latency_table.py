@@ -426,7 +426,7 @@ class LatencyTable:
         table.fixed_ms = full_ms - table.predict(plain)
         if calibrate:
             calibration_rounds = int(calibration_rounds or 3 * rounds)
-            cal_key = _hash(f"{full_key}|calibrate={calibrate}|seed={seed}|rounds={calibration_rounds}|block={WHOLE_MODEL_BLOCK_MS}|{sorted((k, _hash(json.dumps(v, sort_keys=True))) for k, v in layers.items())}")
+            cal_key = _hash(f"{full_key}|calibrate={calibrate}|seed={seed}|rounds={calibration_rounds}|block={WHOLE_MODEL_BLOCK_MS}|fit=loo-floor|{sorted((k, _hash(json.dumps(v, sort_keys=True))) for k, v in layers.items())}")
             cal = cache.get(cal_key)
             if cal is None:
                 # Whole models are timed as a user runs them (call overhead included: `a0` holds it).
@@ -471,6 +471,18 @@ class LatencyTable:
         res = sum(m * float(np.count_nonzero(alive[ids])) for _, ids, m in _residual_terms(graph))
         return float(seg), float(res)
 
+    def floor_ms(self, graph: graph_lib.ChannelGraph) -> float:
+        """Σ of the segments' uncalibrated predictions with every prunable side
+        at its narrowest sampled width: the part of the segment timings that
+        no pruning removes."""
+        total = 0.0
+        for name, _, _, _ in self._segment_terms(graph):
+            e = self.layers[name]
+            cin = e["in_widths"][0] if e["in_widths"] else e["cin_full"]
+            cout = e["out_widths"][0] if e["out_widths"] else e["cout_full"]
+            total += float(self.layer_ms(name, cin, cout))
+        return total
+
     def calibrate(self, model: keras.Model, n: int, measure, *, seed: int = 0, low: float = 0.25, high: float = 0.95) -> dict:
         """Fits the table to whole-model measurements of random prunings of `model`.
 
@@ -483,12 +495,27 @@ class LatencyTable:
 
             ms ≈ a0 + a1 · Σ segment predictions + a2 · Σ residual Melements
 
-        by non-negative least squares on the relative error (every row divided
-        by its measurement); `Σ residual Melements` counts, at the kept
-        widths, the elements of every tensor read or written by a layer that
-        is not part of a segment (`_residual_terms`). Sets and returns
-        `self.calibration` (`{"coef", "points", "fit_median_abs_err",
-        "fit_worst_abs_err"}`).
+        by least squares on the relative error (every row divided by its
+        measurement), `a1, a2 >= 0`; `Σ residual Melements` counts, at the
+        kept widths, the elements of every tensor read or written by a layer
+        that is not part of a segment (`_residual_terms`).
+
+        Two fits are made: `a0 >= 0` (`"nonnegative"`), and `a0 >=
+        −a1 · floor` (`"floor"`; `floor_ms`: the segments at their narrowest
+        sampled widths). A negative `a0` says the isolated segment timings
+        carry a cost the whole model does not pay (layers are never removed,
+        so a constant per segment is one constant per model): on `tf` a
+        segment timed at 8 channels still costs about half its full-width
+        time. It can at most cancel that unremovable part, so a prediction
+        never goes below `a2 · Σ residual` (≥ 0). With at least 5 points
+        the fit with the lower median leave-one-out error over the
+        calibration points is kept (ties: `a0 >= 0`); with fewer, `a0 >= 0`.
+        The choice uses the calibration points only.
+
+        Sets and returns `self.calibration` (`{"coef", "points",
+        "fit_median_abs_err", "fit_worst_abs_err", "intercept"` (`"floor"`
+        or `"nonnegative"`), `"loo_median_abs_err"` (`{fit: error}`, None
+        with fewer than 5 points)`}`).
 
         Args:
             model: the model the table was measured on.
@@ -498,8 +525,6 @@ class LatencyTable:
             seed: seed of the prunings.
             low, high: range of the FLOPs kept.
         """
-        from scipy.optimize import nnls
-
         from keras_taylor import selection
         from keras_taylor.plan import PruningPlan
         from keras_taylor.surgery import apply_plan
@@ -522,10 +547,23 @@ class LatencyTable:
         ms = measure(models)
         x = np.array([[1.0, *feats[k]] for k in models])
         y = np.array([ms[k] for k in models])
-        coef, _ = nnls(x / y[:, None], np.ones_like(y))
+        floor = self.floor_ms(graph)
+        fits, loo = {}, {}
+        for intercept, shift in (("nonnegative", 0.0), ("floor", floor)):
+            fits[intercept] = _fit_relative(x, y, shift)
+            if len(y) >= 5:
+                errs = []
+                for i in range(len(y)):
+                    keep = np.arange(len(y)) != i
+                    errs.append(abs(x[i] @ _fit_relative(x[keep], y[keep], shift) / y[i] - 1.0))
+                loo[intercept] = float(np.median(errs))
+        chosen = "floor" if loo and loo["floor"] < loo["nonnegative"] else "nonnegative"
+        coef = fits[chosen]
         err = np.abs(x @ coef / y - 1.0)
         self.calibration = {
             "coef": [float(c) for c in coef],
+            "intercept": chosen,
+            "loo_median_abs_err": loo or None,
             "points": [
                 {"name": k, "removed_key": keys[k], "segments_ms": feats[k][0], "residual_melems": feats[k][1], "ms": float(ms[k])}
                 for k in models
@@ -613,6 +651,19 @@ def _runtime_timer(runtime, batch_size, threads, rounds, rng, overhead=0.0, bloc
         return {k: max(v - overhead, 1e-9) for k, v in _time(runners, rounds, rng, block_ms).items()}
 
     return measure
+
+
+def _fit_relative(x: np.ndarray, y: np.ndarray, floor: float = 0.0) -> np.ndarray:
+    """Least squares of `x @ coef ≈ y` (columns: 1, Σ segments, Σ residual)
+    on the relative error, `coef[1:] >= 0` and `coef[0] >= −coef[1] · floor`
+    (fitted as `a0' + a1 · (Σ segments − floor)` with `a0' >= 0`)."""
+    from scipy.optimize import lsq_linear
+
+    shifted = x.copy()
+    shifted[:, 1] -= floor
+    c = lsq_linear(shifted / y[:, None], np.ones_like(y), bounds=(0.0, np.inf), method="bvls").x
+    c[0] -= c[1] * floor
+    return c
 
 
 def removal_key(removed) -> str:
@@ -706,10 +757,13 @@ def plan_for_latency(
     `selection.knapsack_plan(graph, scores, table, budget)`, build the pruned
     model (`apply_plan`), measure it beside the dense model on the runtime,
     and, if the measured ratio misses `target` by more than `tolerance`, move
-    the predicted budget by the ratio of target to measurement
-    (`budget ← predicted · target / measured`, kept inside the bracket of
-    budgets already seen to land under and over the target; bisection of that
-    bracket when the new budget gives a plan already measured) and plan again
+    the predicted budget and plan again: once plans on both sides of the
+    target are measured, to the linear interpolation of the measured ratio
+    between the bracket's two budgets (regula falsi); before that, along the
+    secant through the last two measured plans, or after the first plan to
+    `predicted · target / measured`; always inside the bracket of budgets
+    already seen to land under and over the target (bisection of it when a
+    step leaves it or gives a plan already measured)
     — at most `iterations` measured plans. The table's prediction sets the
     first budget, so a good table needs one measurement; each further one
     costs one conversion and timing of a pruned model (and of the dense model
@@ -761,15 +815,23 @@ def plan_for_latency(
     if measure is None:
         measure = _runtime_timer(table.runtime, table.batch_size, table.threads, rounds, np.random.default_rng(0))
     budget, lo, hi = float(target), 0.0, 1.0  # budgets known to land under / over the target
+    at = {}  # measured ratio at the bracket's ends, once measured: {"lo": m, "hi": m}
     history, best, seen = [], None, {}
+
+    def narrow(measured):
+        nonlocal lo, hi
+        if measured > target and budget <= hi:
+            hi, at["hi"] = budget, measured
+        elif measured <= target and budget >= lo:
+            lo, at["lo"] = budget, measured
+
     for _ in range(4 * iterations):  # knapsack calls; a plan met before is not measured again
         if len(history) >= iterations or hi - lo < 1e-4:
             break
         removed = selection.knapsack_removal(graph, scores, terms, budget * dense_pred, **knapsack_kwargs)
         key = removal_key(removed)
         if key in seen:
-            measured = seen[key]
-            lo, hi = (lo, min(hi, budget)) if measured > target else (max(lo, budget), hi)
+            narrow(seen[key])
             budget = 0.5 * (lo + hi)  # the step was too small to change the plan: bisect the bracket
             continue
         plan = PruningPlan.from_groups(graph, removed)
@@ -785,9 +847,19 @@ def plan_for_latency(
             best = (plan, measured)
         if abs(measured - target) <= tolerance:
             break
-        lo, hi = (lo, min(hi, budget)) if measured > target else (max(lo, budget), hi)
-        # Secant on the measured/predicted ratio, kept inside the bracket.
-        budget = predicted * target / measured
+        narrow(measured)
+        # The next budget comes from the measurements (the table's error is what
+        # the loop corrects): between the bracket's two measured ends (regula
+        # falsi) once both sides are known, else the secant through the last two
+        # measured plans, else (first step) scaled by measured ÷ predicted.
+        pts = [(h["budget_fraction"], h["measured_fraction"]) for h in history[-2:]]
+        (b0, m0), (b1, m1) = pts[0], pts[-1]
+        if len(at) == 2 and at["hi"] > at["lo"]:
+            budget = lo + (target - at["lo"]) * (hi - lo) / (at["hi"] - at["lo"])
+        elif (m1 - m0) * (b1 - b0) > 0:  # two distinct plans measured, ratio rising with the budget
+            budget = b1 + (target - m1) * (b1 - b0) / (m1 - m0)
+        else:
+            budget = predicted * target / measured
         if not lo < budget < hi:
             budget = 0.5 * (lo + hi)
     return best[0], history

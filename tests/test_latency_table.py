@@ -274,3 +274,59 @@ def test_closed_loop_converges_on_a_fake_runtime(name, target):
         kt.plan_for_latency(model, scores, "flops", 0.5, measure=fake)
     with pytest.raises(ValueError, match="measure"):
         kt.plan_for_latency(model, scores, table, 0.5, measure="tflite")
+
+
+def test_calibration_keeps_a_negative_intercept_when_it_predicts_better():
+    # A runtime where the isolated segments overcount a per-call cost: a0 < 0.
+    model = make("residual")
+    table = synthetic_table(model)
+    graph = kt.analyze(model)
+    floor = table.floor_ms(graph)
+    assert 0 < floor < table.features(graph, graph.alive_ids(()))[0]
+    coef = (-0.8 * 1.4 * floor, 1.4, 20.0)  # cancels 80% of the segments' unremovable part
+
+    def fake(models):
+        return {k: _true_ms(table, m, coef) for k, m in models.items()}
+
+    cal = table.calibrate(model, 6, fake, seed=1)
+    assert cal["intercept"] == "floor" and cal["loo_median_abs_err"]["floor"] < cal["loo_median_abs_err"]["nonnegative"]
+    np.testing.assert_allclose(cal["coef"], coef, rtol=1e-6)
+    removed = selection.random_flops_removal(graph, 0.5, np.random.default_rng(99))
+    pruned = kt.apply_plan(model, kt.PruningPlan.from_groups(graph, removed))
+    assert table.predict(pruned) == pytest.approx(_true_ms(table, pruned, coef))
+    # With fewer than 5 points there is no leave-one-out: the intercept stays >= 0.
+    few = table.calibrate(model, 3, fake, seed=1)
+    assert few["intercept"] == "nonnegative" and few["loo_median_abs_err"] is None and few["coef"][0] >= 0
+    # A larger negative intercept than the floor allows is not followed: the
+    # prediction of the narrowest model stays >= 0.
+    cal = table.calibrate(model, 6, lambda models: {k: _true_ms(table, m, (-1.5 * 1.4 * floor, 1.4, 20.0)) for k, m in models.items()}, seed=1)
+    assert cal["coef"][0] >= -cal["coef"][1] * floor - 1e-9
+    # A runtime with a positive fixed cost keeps a0 >= 0 and recovers it.
+    pos = (5.0, 0.8, 10.0)
+    cal = table.calibrate(model, 6, lambda models: {k: _true_ms(table, m, pos) for k, m in models.items()}, seed=2)
+    np.testing.assert_allclose(cal["coef"], pos, rtol=1e-6)
+
+
+def test_closed_loop_steps_along_the_measurements():
+    # The runtime has a floor the table does not know: measured = 0.5 + 0.5 · predicted
+    # fraction, so the target 0.7 needs a predicted 0.4. Scaling the budget by measured ÷
+    # predicted creeps down (0.7, 0.58, 0.51, 0.47…); the secant through the two measured
+    # plans lands on the target with the third.
+    inp = keras.Input((8, 8, 3))
+    x = inp
+    for i in range(3):
+        x = keras.layers.Conv2D(48, 3, padding="same", name=f"c{i}")(x)
+    model = keras.Model(inp, keras.layers.Dense(3, name="head")(keras.layers.GlobalAveragePooling2D()(x)))
+    table = synthetic_table(model)
+    graph = kt.analyze(model)
+    dense_pred = table.predict(model)
+
+    def fake(models):
+        return {k: 10.0 * (0.5 + 0.5 * table.predict(m) / dense_pred) for k, m in models.items()}
+
+    scores = np.random.default_rng(0).uniform(size=graph.num_groups)
+    plan, history = kt.plan_for_latency(model, scores, table, 0.7, measure=fake, tolerance=0.02, iterations=6)
+    steps = [(round(h["budget_fraction"], 3), round(h["measured_fraction"], 3)) for h in history]
+    assert history[0]["measured_fraction"] > 0.8 and len(history) <= 3, steps  # far off first, then 2 steps
+    measured = 0.5 + 0.5 * table.predict(kt.apply_plan(model, plan)) / dense_pred
+    assert abs(measured - 0.7) <= 0.02 and measured == pytest.approx(history[-1]["measured_fraction"])
