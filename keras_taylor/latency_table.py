@@ -557,7 +557,8 @@ class LatencyTable:
                     keep = np.arange(len(y)) != i
                     errs.append(abs(x[i] @ _fit_relative(x[keep], y[keep], shift) / y[i] - 1.0))
                 loo[intercept] = float(np.median(errs))
-        chosen = "floor" if loo and loo["floor"] < loo["nonnegative"] else "nonnegative"
+        # Equal fits (the floor fit's a0 >= 0) give equal errors up to rounding: a tie.
+        chosen = "floor" if loo and loo["floor"] < loo["nonnegative"] - 1e-9 else "nonnegative"
         coef = fits[chosen]
         err = np.abs(x @ coef / y - 1.0)
         self.calibration = {
