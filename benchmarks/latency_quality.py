@@ -314,7 +314,7 @@ def main(argv):
         "prune_every", "prune_fraction", "target_latency", "resnet_blocks", "mobilenet_alpha", "mobilenet_size",
         "runtime", "threads", "fractions", "calibrate", "table_rounds", "rounds", "block_s", "score_images",
         "f_iterations", "f_tolerance")}
-    results["machine"] = _harness.machine(tensorflow_threads=FLAGS.threads)
+    results["machine"] = _harness.machine(runtime_threads=FLAGS.threads)
     results.setdefault("commands", []).append(" ".join(["python"] + sys.argv))
     started = time.time()
 
