@@ -155,6 +155,9 @@ def recalibrate_bn(model, train, batches: int) -> int:
     if not layers or batches < 1:
         return 0
     saved = [l.momentum for l in layers]
+    # The training-mode passes would move the other BN layers' statistics too: kept as they were.
+    others = [(v, v.numpy()) for l in model.layers if isinstance(l, keras.layers.BatchNormalization) and l not in layers
+              for v in (l.moving_mean, l.moving_variance)]
     try:
         for i, (x, _) in enumerate(train.take(batches)):
             for l in layers:
@@ -163,6 +166,8 @@ def recalibrate_bn(model, train, batches: int) -> int:
     finally:
         for l, m in zip(layers, saved):
             l.momentum = m
+        for v, value in others:
+            v.assign(value)
     return len(layers)
 
 

@@ -40,3 +40,32 @@ def test_latency_quality_smoke_and_resume(tmp_path):
     assert summary["seeds"] == [0] and summary["margins_top1"] == [comp["margin_top1"]]
     again = run(tmp_path)  # resumed: the finished cell is not re-run
     assert again["cells"]["resnet"]["0"]["compare"] == comp and len(again["commands"]) == 2
+
+
+def test_recalibrate_bn_averages_batch_statistics():
+    # keras.applications' BN momentum 0.999 leaves the moving statistics near
+    # their initial values after a short training: they are recomputed as the
+    # mean of the batch statistics, the momentum restored, other BN untouched.
+    code = """
+import sys
+sys.path.insert(0, "benchmarks")
+import numpy as np, keras, tensorflow as tf
+import latency_quality as lq
+inp = keras.Input((4,))
+slow = keras.layers.BatchNormalization(momentum=0.999, name="slow")(inp)
+fast = keras.layers.BatchNormalization(momentum=0.9, name="fast")(slow)
+model = keras.Model(inp, fast)
+x = np.random.default_rng(0).normal(5.0, 2.0, (96, 4)).astype("float32")
+ds = tf.data.Dataset.from_tensor_slices((x, np.zeros(96, "int32"))).batch(32)
+assert lq.recalibrate_bn(model, ds, 2) == 1
+bn = model.get_layer("slow")
+want = np.mean([x[:32].mean(0), x[32:64].mean(0)], axis=0)
+np.testing.assert_allclose(bn.moving_mean.numpy(), want, rtol=1e-5)
+assert bn.momentum == 0.999
+np.testing.assert_allclose(model.get_layer("fast").moving_mean.numpy(), 0.0)
+print("ok")
+"""
+    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("ok")
