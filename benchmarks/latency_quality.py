@@ -36,6 +36,12 @@ study runs in several lock holds):
    [min–max]), top-1 on the test set, FLOPs, params and predicted latency
    ratios; the margin L − F.
 
+Every top-1 is taken after `recalibrate_bn` (BN layers of momentum ≥ 0.99,
+keras.applications' 0.999, get their moving statistics recomputed over
+`--bn_batches` training minibatches: after a short training they are still
+near their initial values). Results and their caveats: docs/latency.md
+("Quality at equal measured latency"), BENCHMARKS.md row 8c.
+
 The summary gives per model the per-seed margins, their mean and spread.
 """
 
