@@ -103,7 +103,8 @@ class _Switch(keras.callbacks.Callback):
     `fit` reads them at every minibatch, so the same `fit` (same data
     iterator, same epoch, same callbacks) continues on the pruned model.
     The user's callbacks get the pruned model (`set_model`); metric states
-    are carried across (see `_merge_metrics`) and mirrored into the gated
+    are carried across (copied at the switch, or `_merge_metrics` after the
+    pruned model's first minibatch) and mirrored into the gated
     model's metrics, which `fit` reads at the end of each epoch; a
     `stop_training` set on the pruned model is passed on to the running
     `fit`. `on_train_end` gives the gated model its own functions back.
