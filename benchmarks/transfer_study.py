@@ -19,7 +19,11 @@ docs/evidence.md.
     python benchmarks/transfer_study.py --part=torch --targets 0.5,0.3 --normalization mean_group
         # Torch-Pruning (GroupTaylorImportance, global) on the same transferred networks, in `.venv-torch`
         # (created when missing); each run is preceded by keras_taylor's run of the same cell
-        # (taylor_fo_bn, --normalization) so both wall times see the same load
+        # (taylor_fo_bn, --normalization) so both wall times see the same load; its step-time log
+        # (`phases`: first step of each model = tracing, other steps, the switch) goes with it
+    python benchmarks/transfer_study.py --match_torch --targets 0.5,0.3 --criteria taylor_fo_fg --normalization mean_group
+        # keras_taylor at the FLOPs fraction Torch-Pruning reached per seed (it overshoots its target):
+        # `torch_comparison[target]["equal_flops"]`, paired margins by seed
 
 Resumable: every finished cell is written to `--results` at once, and a cell
 already there (same key and same configuration) is skipped.
@@ -81,6 +85,9 @@ flags.DEFINE_enum("part", "prune", ["prune", "oracle", "both", "torch"],
 flags.DEFINE_float("torch_pruning_ratio", 0.9, "Torch part: BasePruner pruning_ratio (a ceiling; it stops at the FLOPs target).")
 flags.DEFINE_integer("torch_threads", 2, "Torch part: torch.set_num_threads.")
 flags.DEFINE_integer("oracle_batches", 10, "Oracle part: target training minibatches scored (criteria and the NVlabs oracle).")
+flags.DEFINE_enum("switch", "step", ["step", "epoch"], "fit_prune(switch=): when training moves to the pruned model.")
+flags.DEFINE_bool("match_torch", False, "Prune part: run the cells at the FLOPs fraction Torch-Pruning reached (per seed and "
+                  "target of the `torch` results) instead of at --targets: keras_taylor and Torch-Pruning at equal FLOPs.")
 flags.DEFINE_bool("smoke", False, "Tiny sizes: checks the pipeline in seconds.")
 flags.DEFINE_bool("report_only", False, "Only summarise and plot the results JSON.")
 
@@ -178,18 +185,51 @@ def top1(model, test) -> float:
 
 
 # ---- one cell -----------------------------------------------------------------------------------
-class EpochTimer(keras.callbacks.Callback):
-    """Wall time and trained weights per epoch (shows which model each epoch trained)."""
+class StepTimer(keras.callbacks.Callback):
+    """Wall time per epoch and per minibatch, with the model that trained it
+    (`fit_prune` hands its callbacks the pruned model at the switch): the
+    step-time log behind the per-phase times of `phases`."""
 
     def __init__(self):
         super().__init__()
-        self.rows = []
+        self.rows, self.steps = [], []
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._t0 = time.time()
+        self._t0 = time.perf_counter()
+        self._params_begin = int(self.model.count_params())
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._tb = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        now = time.perf_counter()
+        self.steps.append((self._tb, now - self._tb, int(self.model.count_params())))
 
     def on_epoch_end(self, epoch, logs=None):
-        self.rows.append({"epoch": epoch, "seconds": time.time() - self._t0, "params": int(self.model.count_params())})
+        self.rows.append({"epoch": epoch, "seconds": time.perf_counter() - self._t0,
+                          "params_begin": self._params_begin, "params": int(self.model.count_params())})
+
+    def phases(self, t_start, t_end) -> dict:
+        """Seconds per phase: the first minibatch of each model (tracing its
+        step + one step), the other minibatches of each model (with their
+        median), the switch (between the last gated and the first pruned
+        minibatch: surgery, compile, optimizer slicing), the rest (fit set-up,
+        epoch ends, data iterators)."""
+        full = self.steps[0][2] if self.steps else 0
+        gated = [s for s in self.steps if s[2] == full]
+        pruned = [s for s in self.steps if s[2] != full]
+        out = {"gated_first_step": gated[0][1] if gated else 0.0,
+               "gated_other_steps": float(sum(s[1] for s in gated[1:])),
+               "gated_step_ms_median": 1000 * float(np.median([s[1] for s in gated[1:]])) if len(gated) > 1 else None,
+               "gated_steps": len(gated),
+               "pruned_first_step": pruned[0][1] if pruned else 0.0,
+               "pruned_other_steps": float(sum(s[1] for s in pruned[1:])),
+               "pruned_step_ms_median": 1000 * float(np.median([s[1] for s in pruned[1:]])) if len(pruned) > 1 else None,
+               "pruned_steps": len(pruned)}
+        out["switch"] = (pruned[0][0] - (gated[-1][0] + gated[-1][1])) if gated and pruned else 0.0
+        inside = sum(s[1] for s in self.steps) + out["switch"]
+        out["other"] = (t_end - t_start) - inside
+        return out
 
 
 def groups_per_step(num_groups: int, num_train: int) -> int:
@@ -210,18 +250,19 @@ def run_cell(dense, train, test, criterion: str, target: float, seed: int) -> di
     crit = criteria_lib.Random(seed=seed) if criterion == "random" else criterion
     pruning = kt.TaylorPruning(target=target, prune_every=FLAGS.prune_every, channels_per_step=per_step,
                                criterion=crit, normalization=FLAGS.normalization)
-    timer = EpochTimer()
-    t0 = time.time()
+    timer = StepTimer()
+    t0 = time.perf_counter()
     small, history = kt.fit_prune(gated, *train, batch_size=FLAGS.batch_size, pruning=pruning, callbacks=[timer],
-                                  epochs=FLAGS.prune_epochs + FLAGS.finetune_epochs, verbose=0)
-    wall = time.time() - t0
+                                  epochs=FLAGS.prune_epochs + FLAGS.finetune_epochs, verbose=0, switch=FLAGS.switch)
+    t1 = time.perf_counter()
     last = pruning.history[-1] if pruning.history else {}
     return {
         "criterion": criterion, "target": target, "seed": seed, "top1": top1(small, test),
         "flops_fraction": last.get("flops_fraction", 1.0), "params_fraction": last.get("params_fraction", 1.0),
         "groups": graph.num_groups, "channels_per_step": per_step, "reached": bool(pruning.done),
-        "final_loss": float(history.history["loss"][-1]), "wall_seconds": wall, "epochs": timer.rows,
-        "config": config(),
+        "final_loss": float(history.history["loss"][-1]), "wall_seconds": t1 - t0, "epochs": timer.rows,
+        "switch": FLAGS.switch, "switched_at": list(getattr(history, "switched_at", None) or []),
+        "phases": timer.phases(t0, t1), "config": config(),
     }
 
 
@@ -272,7 +313,7 @@ def torch_cell(dense, train, test, target: float, seed: int) -> dict:
     res.update(target=target, seed=seed, keras_groups=graph.num_groups, channels_per_step=per_step,
                keras_add_gates_seconds=gates_s, config=base_config(),
                keras_same_load={k: mine[k] for k in ("criterion", "top1", "flops_fraction", "params_fraction",
-                                                     "wall_seconds", "epochs", "config")})
+                                                     "wall_seconds", "epochs", "config", "switch", "switched_at", "phases")})
     return res
 
 
@@ -281,6 +322,8 @@ def variant_cells(results: dict) -> dict:
     base configuration ('own': each criterion's default normalisation)."""
     base, out = base_config(), {}
     for c in results["cells"].values():
+        if "torch_target" in c:  # run at Torch-Pruning's FLOPs: compare_torch's equal-FLOPs section
+            continue
         if {k: v for k, v in c["config"].items() if k != "normalization"} == base:
             name = f"{c['criterion']}/{c['config']['normalization'] or 'own'}"
             out.setdefault((name, c["target"]), {})[c["seed"]] = c
@@ -316,10 +359,10 @@ def compare_torch(results: dict) -> dict:
     paired margin keras_taylor - Torch-Pruning (same seed) with a 95% t-interval;
     the prune-and-fine-tune wall times side by side."""
     base = base_config()
-    torch_rows = [r for r in results.get("torch", {}).values() if r["config"] == base]
+    torch_rows = sorted((r for r in results.get("torch", {}).values() if r["config"] == base), key=lambda r: r["date"])
     out = {}
     for target in sorted({r["target"] for r in torch_rows}):
-        tr = {r["seed"]: r for r in torch_rows if r["target"] == target}
+        tr = {r["seed"]: r for r in torch_rows if r["target"] == target}  # the latest run per seed
         acc = np.array([r["top1_after"] for r in tr.values()])
         entry = {"torch": {"n": len(acc), "top1_mean": float(acc.mean()),
                            "top1_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
@@ -329,7 +372,34 @@ def compare_torch(results: dict) -> dict:
                            "keras_same_load_seconds": [r["keras_same_load"]["wall_seconds"] for r in tr.values()],
                            "keras_same_load_normalization": sorted({str(r["keras_same_load"]["config"]["normalization"])
                                                                     for r in tr.values()})},
-                 "keras": {}}
+                 "keras": {}, "wall_by_switch": {}, "equal_flops": {}}
+        # Whole prune-and-fine-tune wall times, keras_taylor's run right before Torch-Pruning's, per fit_prune switch.
+        for r in (r for r in torch_rows if r["target"] == target):
+            mine = r["keras_same_load"]
+            w = entry["wall_by_switch"].setdefault(mine.get("switch", "epoch"), {
+                "seeds": [], "keras_seconds": [], "torch_seconds": [], "ratio": [], "top1_torch": [], "keras_phases": [],
+                "torch_step_ms_median": [], "torch_epochs_seconds": [], "load_average": []})
+            w["seeds"].append(r["seed"])
+            w["keras_seconds"].append(mine["wall_seconds"])
+            w["torch_seconds"].append(r["prune_and_finetune_seconds"])
+            w["ratio"].append(mine["wall_seconds"] / r["prune_and_finetune_seconds"])
+            w["top1_torch"].append(r["top1_after"])
+            w["keras_phases"].append(mine.get("phases"))
+            w["torch_step_ms_median"].append([r["step_ms_median_while_scoring"], r["step_ms_median_after_pruning"]])
+            w["torch_epochs_seconds"].append([e["seconds"] for e in r["epochs"]])
+            w["load_average"].append(r["load_average"])
+        # keras_taylor run at the FLOPs Torch-Pruning reached (--match_torch), paired by seed.
+        matched = {}
+        for c in results["cells"].values():
+            if c.get("torch_target") == target and {k: v for k, v in c["config"].items() if k != "normalization"} == base:
+                matched.setdefault(f"{c['criterion']}/{c['config']['normalization'] or 'own'}", {})[c["seed"]] = c
+        for name, cells in sorted(matched.items()):
+            seeds = sorted(set(cells) & set(tr))
+            mean, ci = t_interval([cells[s]["top1"] - tr[s]["top1_after"] for s in seeds])
+            entry["equal_flops"][name] = {
+                "seeds": seeds, "top1_mean": float(np.mean([cells[s]["top1"] for s in seeds])),
+                "flops": [cells[s]["flops_fraction"] for s in seeds], "torch_flops": [tr[s]["flops_fraction"] for s in seeds],
+                "margin_vs_torch": {"mean": mean, "ci95": ci, "excludes_zero": bool(ci[0] > 0 or ci[1] < 0)}}
         for (name, t), cells in sorted(variant_cells(results).items()):
             seeds = sorted(set(cells) & set(tr))
             if t != target or not seeds:
@@ -403,7 +473,7 @@ def t_interval(diffs, level=0.95):
 
 
 def summarize(cells: dict, dense: dict) -> dict:
-    rows = [c for c in cells.values() if c["config"] == config()]
+    rows = [c for c in cells.values() if c["config"] == config() and "torch_target" not in c]
     out = {}
     for crit in sorted({r["criterion"] for r in rows}):
         for target in sorted({r["target"] for r in rows}):
@@ -498,7 +568,7 @@ def main(argv):
             if FLAGS.part == "torch":
                 btag = json.dumps(base_config(), sort_keys=True)
                 for target in targets:
-                    key = f"{target}|{seed}|{btag}"
+                    key = f"{target}|{seed}|{btag}" + ("" if FLAGS.switch == "epoch" else f"|switch={FLAGS.switch}")
                     if key in results.setdefault("torch", {}):
                         continue
                     results["torch"][key] = torch_cell(dense, train, test, target, seed)
@@ -511,12 +581,21 @@ def main(argv):
                           f"FLOPs {r['flops_fraction']:.3f} ({r['prune_and_finetune_seconds']:.0f} s; keras_taylor "
                           f"{r['keras_same_load']['top1']:.4f} in {r['keras_same_load']['wall_seconds']:.0f} s)", flush=True)
                 continue
-            for target in targets:
+            plan = [(t, t, "") for t in targets]
+            if FLAGS.match_torch:  # Torch-Pruning's achieved FLOPs for this seed (its latest run per target)
+                btag = json.dumps(base_config(), sort_keys=True)
+                runs = sorted((r for r in results.get("torch", {}).values()
+                               if r["seed"] == seed and json.dumps(r["config"], sort_keys=True) == btag), key=lambda r: r["date"])
+                reached = {r["target"]: r["flops_fraction"] for r in runs}
+                plan = [(t, reached[t], f"|torch{t}") for t in targets if t in reached]
+            for target, goal, suffix in plan:
                 for name in FLAGS.criteria:
-                    key = f"{name}|{target}|{seed}|{tag}"
+                    key = f"{name}|{goal}|{seed}|{tag}{suffix}"
                     if key in results["cells"]:
                         continue
-                    cell = run_cell(dense, train, test, name, target, seed)
+                    cell = run_cell(dense, train, test, name, goal, seed)
+                    if suffix:
+                        cell["torch_target"] = target
                     results["cells"][key] = cell
                     results["machine"] = f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}"
                     results["load_average"] = list(os.getloadavg())
@@ -539,6 +618,12 @@ def main(argv):
         for target, e in results["torch_comparison"].items():
             t = e["torch"]
             print(f"Torch-Pruning {target}: n={t['n']} top1 {t['top1_mean']:.4f} ± {t['top1_std']:.4f} FLOPs {t['flops_mean']:.3f}")
+            for name, k in e["equal_flops"].items():
+                m = k["margin_vs_torch"]
+                print(f"  at Torch-Pruning's FLOPs {name:18s} top1 {k['top1_mean']:.4f}  vs torch {m['mean']:+.4f} "
+                      f"[{m['ci95'][0]:+.4f}, {m['ci95'][1]:+.4f}]")
+            for switch, w in e["wall_by_switch"].items():
+                print(f"  wall switch={switch}: keras/torch {' '.join(f'{r:.2f}' for r in w['ratio'])}")
             for name, k in e["keras"].items():
                 m = k["margin_vs_torch"]
                 print(f"  {name:26s} top1 {k['top1_mean']:.4f}  vs torch {m['mean']:+.4f} [{m['ci95'][0]:+.4f}, {m['ci95'][1]:+.4f}]"

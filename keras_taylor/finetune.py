@@ -2,11 +2,12 @@
 
 `TaylorPruning` alone keeps training the full-size gated model after the
 target is reached, so fine-tuning costs the unpruned FLOPs. `fit_prune` runs
-`fit` on the gated model until pruning reaches its target, removes the
+`fit` on the gated model; when pruning reaches its target it removes the
 channels (`keras_taylor.prune`), slices the optimizer's state (momentum, Adam
 moments, ...) to the kept channels with the same indices surgery used,
-compiles the pruned model with the same compile configuration, and runs the
-remaining epochs on it with the user's other callbacks.
+compiles the pruned model with the same compile configuration, and the same
+`fit` continues on the pruned model from the next minibatch, with the user's
+callbacks.
 
 Typical use::
 
@@ -19,7 +20,6 @@ Typical use::
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import keras
@@ -35,28 +35,173 @@ from keras_taylor.plan import PruningPlan
 _SWITCH = ("epoch", "step")
 
 
-class _StopWhenPruned(keras.callbacks.Callback):
-    """Stops `fit` once the pruning callback is done: after the minibatch
-    that reached the target (`switch="step"`) or at the end of that epoch."""
+def _prune_and_compile(model, compile_config):
+    """The pruned model of a gated `model` (as far as its gates say), compiled
+    from `compile_config`, with the optimizer state sliced to the kept channels."""
+    flat = nesting.inline_nested_models(model)
+    graph = graph_lib.analyze(flat, on_unknown="freeze")
+    removed = PruningPlan.from_gates(model).removed_groups(graph)
+    pruned = surgery.apply_plan(model, PruningPlan.from_groups(graph, removed), on_unknown="freeze")
+    pruned.compile_from_config(compile_config)
+    if not pruned.optimizer.built:
+        pruned.optimizer.build(pruned.trainable_variables)
+    slice_optimizer_state(model, pruned, graph, removed, flat_model=flat)
+    return pruned
 
-    def __init__(self, pruning, switch):
+
+def _one_example(x, y):
+    """`(x, y)` of one training example, from arrays/tensors (with `y`) or
+    from the first batch of a `tf.data.Dataset`; `None` for other inputs
+    (generators, `PyDataset`s: reading them could consume data)."""
+    try:
+        if y is None and hasattr(x, "element_spec") and hasattr(x, "take"):  # tf.data.Dataset
+            batch = next(iter(x.take(1)))
+            x, y, _ = keras.utils.unpack_x_y_sample_weight(batch)
+            if y is None:
+                return None
+        elif y is None:
+            return None
+        return keras.tree.map_structure(lambda a: a[:1], (x, y))
+    except Exception:  # noqa: BLE001 - only an optimisation: fall back to Keras' lazy build
+        return None
+
+
+def _build_compiled_state(model, example) -> None:
+    """Builds the model's compiled metrics and losses on one example (then
+    resets them), as `fit` would inside its first traced step: variables
+    created there make TensorFlow trace the step a second time."""
+    if example is None:
+        return
+    x, y = example
+    try:
+        y_pred = model(x, training=False)
+        model.compute_loss(x=x, y=y, y_pred=y_pred)
+        model.compute_metrics(x, y, y_pred)
+    except Exception:  # noqa: BLE001 - only an optimisation: Keras builds them in the step
+        pass
+    model.reset_metrics()
+
+
+def _copy_variables(source, target) -> bool:
+    """Assigns `source` to `target` when both hold variables of the same
+    shapes in the same order; returns whether they did."""
+    source, target = list(source), list(target)
+    if len(source) != len(target) or any(tuple(a.shape) != tuple(b.shape) for a, b in zip(source, target)):
+        return False
+    for a, b in zip(source, target):
+        b.assign(a.value)
+    return True
+
+
+class _Switch(keras.callbacks.Callback):
+    """Moves the rest of the gated model's `fit` onto the pruned model.
+
+    Once the pruning callback is done (right after that minibatch with
+    `switch="step"`, at the end of that epoch with `switch="epoch"`), it
+    removes the channels, compiles the pruned model and points the gated
+    model's `train_function` and `test_function` at the pruned model's:
+    `fit` reads them at every minibatch, so the same `fit` (same data
+    iterator, same epoch, same callbacks) continues on the pruned model.
+    The user's callbacks get the pruned model (`set_model`); metric states
+    are carried across (copied at the switch, or `_merge_metrics` after the
+    pruned model's first minibatch) and mirrored into the gated
+    model's metrics, which `fit` reads at the end of each epoch; a
+    `stop_training` set on the pruned model is passed on to the running
+    `fit`. `on_train_end` gives the gated model its own functions back.
+    """
+
+    def __init__(self, pruning, switch, callbacks, compile_config, example=None):
         super().__init__()
         self.pruning, self.switch = pruning, switch
-        self.stopped_epoch = None
+        self.callbacks, self.compile_config, self.example = callbacks, compile_config, example
+        self.pruned = None
+        self.switched_at = None  # (epoch, minibatches of that epoch trained before the switch)
+        self._saved = None
+        self._carry = None
         self._epoch = 0
+        self._batches = 0
+
+    def _do_switch(self):
+        gated = self.model
+        pruned = _prune_and_compile(gated, self.compile_config)
+        _build_compiled_state(pruned, self.example)
+        pruned.stop_training = False
+        pruned.make_train_function()
+        pruned.make_test_function()
+        self._saved = (gated.train_function, gated.test_function)
+        gated.train_function, gated.test_function = pruned.train_function, pruned.test_function
+        # Metric states of the minibatches of this epoch trained so far: copied
+        # now when the pruned model's metrics are built (`_build_compiled_state`),
+        # else added to them after its first minibatch, which builds them.
+        self._carry = None
+        if self._batches and not _copy_variables(gated.metrics_variables, pruned.metrics_variables):
+            self._carry = [keras.ops.convert_to_numpy(v) for v in gated.metrics_variables]
+        for callback in self.callbacks:
+            callback.set_model(pruned)
+            if getattr(callback, "best_weights", None) is not None:
+                callback.best_weights = None  # EarlyStopping: the gated model's weights cannot be restored
+        self.pruned = pruned
+        self.switched_at = (self._epoch, self._batches)
+
+    def _merge_metrics(self):
+        """Adds the carried states to the pruned model's metrics: every stock
+        Keras metric keeps sums and counts, so the epoch's figures cover the
+        minibatches before and after the switch."""
+        carry, self._carry = self._carry, None
+        ours = self.pruned.metrics_variables
+        if len(ours) != len(carry) or any(tuple(v.shape) != c.shape for v, c in zip(ours, carry)):
+            warnings.warn(
+                "keras_taylor.fit_prune: the pruned model's metrics do not match the gated model's; "
+                "the metrics of the epoch of the switch cover only its minibatches after the switch.",
+                stacklevel=2,
+            )
+            return
+        for v, c in zip(ours, carry):
+            v.assign(keras.ops.convert_to_numpy(v.value) + c)
+
+    def _mirror(self):
+        """The pruned model's metric states into the gated model's (read by `fit`)."""
+        _copy_variables(self.pruned.metrics_variables, self.model.metrics_variables)
+        if self.pruned.stop_training:
+            self.model.stop_training = True
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._epoch = epoch
+        self._epoch, self._batches = epoch, 0
+        if self.pruned is not None:
+            self.pruned.reset_metrics()  # `fit` reset the gated model's
+        elif self.pruning.done and self.switch == "step":  # resumed at the target
+            self._do_switch()
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.switch == "step" and self.pruning.done and self.stopped_epoch is None:
-            self.stopped_epoch = self._epoch
-            self.model.stop_training = True
+        self._batches = int(batch) + 1
+        if self.pruned is None:
+            if self.switch == "step" and self.pruning.done:
+                self._do_switch()
+            return
+        if self._carry is not None:
+            self._merge_metrics()
+            if logs is not None:
+                logs.update({k: v for k, v in self.pruned.get_metrics_result().items() if k in logs})
+        self._mirror()
+
+    def on_test_begin(self, logs=None):
+        if self.pruned is not None:
+            self.pruned.reset_metrics()
+
+    def on_test_batch_end(self, batch, logs=None):
+        if self.pruned is not None:
+            self._mirror()
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.pruning.done and self.stopped_epoch is None:
-            self.stopped_epoch = epoch
+        if self.pruned is None and self.pruning.done:
+            self._do_switch()
+        elif self.pruned is not None and self.pruned.stop_training:
             self.model.stop_training = True
+
+    def on_train_end(self, logs=None):
+        if self._saved is not None:
+            self.model.train_function, self.model.test_function = self._saved
+            self._saved = None
 
 
 # ---- optimizer state -------------------------------------------------------------
@@ -151,61 +296,48 @@ def slice_optimizer_state(old_model, new_model, graph, removed, flat_model=None)
             new.assign(old.value)
 
 
-# ---- history ----------------------------------------------------------------------
-def _merge_histories(first, second, model) -> keras.callbacks.History:
-    """One `History` over both phases; a key only one phase logs is carried
-    (`kt_*`: the final pruning state) or NaN-padded."""
-    merged = keras.callbacks.History()
-    merged.set_model(model)
-    a, b = first.history, second.history
-    n_a = len(next(iter(a.values()), []))
-    n_b = len(next(iter(b.values()), []))
-    for key in list(a) + [k for k in b if k not in a]:
-        head = list(a.get(key, [math.nan] * n_a))
-        fill = head[-1] if key.startswith("kt_") and head else math.nan
-        merged.history[key] = head + list(b.get(key, [fill] * n_b))
-    merged.epoch = list(first.epoch) + list(second.epoch)
-    merged.params = second.params or first.params
-    return merged
-
-
 # ---- the public helper ---------------------------------------------------------------
-def fit_prune(model, x=None, y=None, *, pruning, epochs: int = 1, callbacks=None, switch: str = "epoch", **fit_kwargs):
+def fit_prune(model, x=None, y=None, *, pruning, epochs: int = 1, callbacks=None, switch: str = "step", **fit_kwargs):
     """Prunes a gated model during `fit`, then fine-tunes the pruned model.
 
-    Phase 1 runs `model.fit(x, y, epochs=epochs, callbacks=callbacks +
-    [pruning], ...)` and stops it once `pruning` reaches its target: at the
-    end of that epoch (`switch="epoch"`) or right after that minibatch
-    (`switch="step"`; the rest of that epoch's minibatches are then not
-    trained, so the continuation starts at a fresh epoch). Phase 2 removes
-    the pruned channels (`keras_taylor.prune`), compiles the pruned model
-    from `model.get_compile_config()` (same optimizer class and config, same
-    loss and metrics), copies the optimizer's state with every slot sliced to
-    the kept channels by the indices surgery used (and the iteration count,
-    so learning-rate schedules continue), and runs `fit` for the remaining
-    epochs (`initial_epoch` = the next epoch) with the same `callbacks` and
-    `fit_kwargs`. Each minibatch of phase 2 costs the pruned model's FLOPs.
+    Runs one `model.fit(x, y, epochs=epochs, callbacks=callbacks +
+    [pruning], ...)`. Once `pruning` reaches its target it removes the
+    pruned channels (`keras_taylor.prune`), compiles the pruned model from
+    `model.get_compile_config()` (same optimizer class and config, same loss
+    and metrics), copies the optimizer's state with every slot sliced to the
+    kept channels by the indices surgery used (and the iteration count, so
+    learning-rate schedules continue), and the same `fit` goes on training
+    the pruned model: with `switch="step"` (the default) from the next
+    minibatch of the same epoch, so no minibatch after the target is
+    trained at full size; with `switch="epoch"` from the next epoch (the
+    rest of that epoch trains the full-size gated model). Each minibatch
+    after the switch costs the pruned model's FLOPs, and every minibatch of
+    every epoch is trained exactly once, as in a plain `fit`.
 
-    Callbacks see two `fit` calls: their `on_train_begin` runs again on the
-    pruned model (`EarlyStopping` restarts its patience; give `CSVLogger`
-    `append=True` to keep the first phase's rows). If the target is not
-    reached in `epochs`, the model is pruned as far as it got, with a warning.
+    The callbacks see one `fit`: one `on_train_begin`, every epoch, one
+    `History`; at the switch they are given the pruned model (`set_model`),
+    so `ModelCheckpoint` saves it and `EarlyStopping` keeps its patience
+    (weights it kept from before the switch are dropped: they belong to the
+    gated model). The metrics of the epoch of the switch cover all its
+    minibatches (metric states are carried over; stock Keras metrics keep
+    sums and counts). If the target is not reached in `epochs`, the model is
+    pruned as far as it got, with a warning.
 
     Args:
         model: a gated model (`keras_taylor.add_gates`), compiled with an
-            optimizer and a loss. It is trained in phase 1 and left gated.
+            optimizer and a loss. It is trained until the switch and left
+            gated.
         x, y: training data, as for `Model.fit`.
         pruning: the `keras_taylor.TaylorPruning` callback that prunes.
-        epochs: total epochs over both phases. Defaults to `1`.
-        callbacks: other Keras callbacks, used in both phases.
-        switch: `"epoch"` or `"step"` (see above). Defaults to `"epoch"`.
+        epochs: number of epochs, as for `Model.fit`. Defaults to `1`.
+        callbacks: other Keras callbacks.
+        switch: `"step"` or `"epoch"` (see above). Defaults to `"step"`.
         **fit_kwargs: other `Model.fit` arguments (`batch_size`,
             `validation_data`, `verbose`, ...); not `initial_epoch`.
 
     Returns:
         `(pruned_model, history)`: the pruned model of stock Keras layers,
-        compiled and fine-tuned, and one `keras.callbacks.History` over both
-        phases.
+        compiled and fine-tuned, and the `keras.callbacks.History` of the run.
 
     Raises:
         ValueError: before any training, for a model that is not gated or not
@@ -251,26 +383,22 @@ def fit_prune(model, x=None, y=None, *, pruning, epochs: int = 1, callbacks=None
     if any(c is pruning or isinstance(c, TaylorPruning) for c in callbacks):
         raise ValueError("Expected the TaylorPruning callback as `pruning=`, not in `callbacks`. Received it in callbacks.")
 
-    stop = _StopWhenPruned(pruning, switch)
-    first = model.fit(x, y, epochs=epochs, callbacks=callbacks + [pruning, stop], **fit_kwargs)
-    if not pruning.done:
-        warnings.warn(
-            f"keras_taylor.fit_prune: the pruning target {pruning.target} was not reached in "
-            f"{epochs} epochs; pruning the model as far as it got.",
-            stacklevel=2,
-        )
-    flat = nesting.inline_nested_models(model)
-    graph = graph_lib.analyze(flat, on_unknown="freeze")
-    removed = PruningPlan.from_gates(model).removed_groups(graph)
-    pruned = surgery.apply_plan(model, PruningPlan.from_groups(graph, removed), on_unknown="freeze")
-    pruned.compile_from_config(compile_config)
-    if not pruned.optimizer.built:
-        pruned.optimizer.build(pruned.trainable_variables)
-    slice_optimizer_state(model, pruned, graph, removed, flat_model=flat)
-    done_epochs = (stop.stopped_epoch + 1) if stop.stopped_epoch is not None else epochs
-    if done_epochs >= epochs:
-        second = keras.callbacks.History()
-        second.history, second.epoch, second.params = {}, [], {}
-        return pruned, _merge_histories(first, second, pruned)
-    second = pruned.fit(x, y, epochs=epochs, initial_epoch=done_epochs, callbacks=callbacks, **fit_kwargs)
-    return pruned, _merge_histories(first, second, pruned)
+    example = _one_example(x, y)
+    _build_compiled_state(model, example)
+    handoff = _Switch(pruning, switch, callbacks, compile_config, example)
+    history = model.fit(x, y, epochs=epochs, callbacks=callbacks + [pruning, handoff], **fit_kwargs)
+    pruned = handoff.pruned
+    if pruned is None:  # stopped before the switch (target not reached, or a callback stopped it)
+        if not pruning.done:
+            warnings.warn(
+                f"keras_taylor.fit_prune: the pruning target {pruning.target} was not reached in "
+                f"{epochs} epochs; pruning the model as far as it got.",
+                stacklevel=2,
+            )
+        pruned = _prune_and_compile(model, compile_config)
+    else:
+        pruned.optimizer.finalize_variable_values(pruned.trainable_weights)  # `fit` finalised the gated model's
+    history.set_model(pruned)
+    history.switched_at = handoff.switched_at
+    pruned.history = history
+    return pruned, history

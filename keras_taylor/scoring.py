@@ -468,11 +468,19 @@ class TaylorScorer:
     def install(self) -> None:
         """Makes `model.fit` run the scoring train step.
 
-        The compiled function is built once and reused by later `fit` calls
+        The optimizer is built first (on the model's trainable variables, as
+        Keras would in the first step), so the step is traced once. The
+        compiled function is built once and reused by later `fit` calls
         (no retrace) until the model is recompiled or its optimizer,
         `steps_per_execution` or `jit_compile` change.
         """
         model = self.model
+        optimizer = model.optimizer
+        if optimizer is not None and not optimizer.built:
+            # Keras builds it inside the first traced step otherwise; creating
+            # variables there makes TensorFlow trace the step a second time.
+            with model.distribute_strategy.scope():
+                optimizer.build(model.trainable_variables)
         current = model.train_function
         key = (id(model.optimizer), model.steps_per_execution, model.jit_compile)
         recompiled = current is not None and current not in (self._own_function, self._scoring_function)

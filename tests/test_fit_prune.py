@@ -133,15 +133,148 @@ def test_fit_prune_switches_to_the_small_model():
     assert np.isfinite(history.history["loss"]).all()
 
 
-def test_fit_prune_switch_step_stops_mid_epoch():
+@keras.saving.register_keras_serializable(package="test_fit_prune")
+class Examples(keras.metrics.Metric):
+    """Counts the examples seen since the last reset (an exact check of which
+    minibatches an epoch's metrics cover)."""
+
+    def __init__(self, name="examples", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.count = self.add_variable(shape=(), initializer="zeros", name="count")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        self.count.assign_add(keras.ops.cast(keras.ops.shape(y_pred)[0], "float32"))
+
+    def result(self):
+        return self.count * 1.0  # a value, not the variable (read after validation runs)
+
+
+class BatchLog(keras.callbacks.Callback):
+    """(epoch, batch, id of the model the callback holds, trainable size, logs) per minibatch."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows, self.begins, self.epoch = [], 0, 0
+
+    def on_train_begin(self, logs=None):
+        self.begins += 1
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        size = sum(int(np.prod(v.shape)) for v in self.model.trainable_variables)
+        self.rows.append((self.epoch, batch, id(self.model), size, {k: float(v) for k, v in logs.items()}))
+
+
+def test_switch_step_continues_the_same_epoch_on_the_pruned_model():
+    """The target is reached at minibatch 2 of epoch 0: minibatches 3-6 of that
+    epoch train the pruned model (same fit, same data order), every minibatch
+    is trained once, and the epoch's metrics cover all 48 examples."""
+    gated = kt.add_gates(make("residual", 0))
+    gated.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9), loss=LOSS, metrics=["accuracy", Examples()])
+    x, y = data(48)
+    pruning = kt.TaylorPruning(target=0.7, prune_every=2, channels_per_step=50)
+    log = BatchLog()
+    small, history = kt.fit_prune(gated, x, y, batch_size=8, epochs=3, pruning=pruning, callbacks=[log],
+                                  validation_data=(x[:16], y[:16]), verbose=0)
+    assert pruning.done and pruning.history[0]["step"] == 2
+    assert history.switched_at == (0, 2)
+    assert log.begins == 1 and history.epoch == [0, 1, 2]  # one fit
+    assert int(small.optimizer.iterations.numpy()) == 3 * 6  # every minibatch trained once
+    models = [m for _, _, m, _, _ in log.rows]
+    assert models[:2] == [id(gated)] * 2 and models[2:] == [id(small)] * 16
+    big, pruned_size = log.rows[0][3], log.rows[2][3]
+    assert pruned_size < big
+    # Running metrics continue across the switch: minibatch 3 of epoch 0 has seen 24 examples.
+    assert [r[4]["examples"] for r in log.rows[:6]] == [8, 16, 24, 32, 40, 48]
+    assert history.history["examples"] == [48.0, 48.0, 48.0]
+    assert history.history["val_examples"] == [16.0, 16.0, 16.0]
+    # Validation after the switch evaluates the pruned model.
+    final = small.evaluate(x[:16], y[:16], batch_size=8, verbose=0, return_dict=True)
+    np.testing.assert_allclose(history.history["val_loss"][-1], final["loss"], rtol=1e-5)
+    assert history.history["kt_flops"][-1] <= 0.7 + 1e-9
+    # The gated model gets its own functions back.
+    assert gated.train_function is not small.train_function and gated.test_function is not small.test_function
+
+
+def test_switch_epoch_finishes_the_epoch_on_the_gated_model():
     gated = gated_model(keras.optimizers.SGD(0.05, momentum=0.9))
     x, y = data(48)
     pruning = kt.TaylorPruning(target=0.7, prune_every=2, channels_per_step=50)
-    small, history = kt.fit_prune(gated, x, y, batch_size=8, epochs=3, pruning=pruning, switch="step", verbose=0)
-    assert pruning.done and len(history.history["loss"]) == 3
-    # the target was reached at the first pruning step (minibatch 2): 2 of epoch 0's 6, then 2 epochs of 6
-    assert pruning.history[0]["step"] == 2
-    assert int(small.optimizer.iterations.numpy()) == 2 + 2 * 6
+    log = BatchLog()
+    small, history = kt.fit_prune(gated, x, y, batch_size=8, epochs=3, pruning=pruning, callbacks=[log],
+                                  switch="epoch", verbose=0)
+    assert history.switched_at == (0, 6) and log.begins == 1
+    models = [m for _, _, m, _, _ in log.rows]
+    assert models[:6] == [id(gated)] * 6 and models[6:] == [id(small)] * 12
+    assert int(small.optimizer.iterations.numpy()) == 18
+
+
+class Batches(keras.utils.PyDataset):
+    """Training data fit_prune cannot peek at (no example to build metrics on)."""
+
+    def __init__(self, x, y, batch_size):
+        super().__init__()
+        self.x, self.y, self.batch_size = x, y, batch_size
+
+    def __len__(self):
+        return len(self.x) // self.batch_size
+
+    def __getitem__(self, i):
+        s = slice(i * self.batch_size, (i + 1) * self.batch_size)
+        return self.x[s], self.y[s]
+
+
+def test_switch_epoch_metrics_without_an_example_and_early_stopping():
+    """With a PyDataset the pruned model's metrics are built by its first
+    minibatch: the epoch's states are then added to them (epoch figures still
+    cover all 48 examples). EarlyStopping(restore_best_weights) holding the
+    gated model's weights does not break the pruned model."""
+    gated = kt.add_gates(make("residual", 0))
+    gated.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9), loss=LOSS, metrics=[Examples()])
+    x, y = data(48)
+    pruning = kt.TaylorPruning(target=0.7, prune_every=8, channels_per_step=50)
+    stop = keras.callbacks.EarlyStopping(monitor="loss", patience=0, min_delta=10.0, restore_best_weights=True)
+    small, history = kt.fit_prune(gated, Batches(x, y, 8), epochs=3, pruning=pruning, callbacks=[stop], verbose=0)
+    assert history.switched_at == (1, 2)  # after EarlyStopping kept the gated model's weights of epoch 0
+    assert history.history["examples"] == [48.0, 48.0]
+    assert history.epoch == [0, 1]  # patience 0 with an unreachable min_delta: stopped after epoch 1, not restarted
+    assert small.count_params() < gated.count_params()
+
+
+def test_a_callback_stopping_the_pruned_model_stops_fit():
+    class StopAfter(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                self.model.stop_training = True
+
+    gated = gated_model(keras.optimizers.SGD(0.05, momentum=0.9))
+    x, y = data(48)
+    pruning = kt.TaylorPruning(target=0.7, prune_every=2, channels_per_step=50)
+    small, history = kt.fit_prune(gated, x, y, batch_size=8, epochs=5, pruning=pruning, callbacks=[StopAfter()], verbose=0)
+    assert history.epoch == [0, 1]
+    assert int(small.optimizer.iterations.numpy()) == 12
+
+
+def test_scoring_step_is_traced_once(monkeypatch):
+    """The optimizer and the compiled metrics are built before the first step:
+    variables created inside it would make TensorFlow trace the step twice."""
+    from keras_taylor import scoring
+
+    traced = []
+    original = scoring.TaylorScorer.train_step
+
+    def counting(self, data):
+        traced.append(1)  # Python runs only while TensorFlow traces
+        return original(self, data)
+
+    monkeypatch.setattr(scoring.TaylorScorer, "train_step", counting)
+    gated = gated_model(keras.optimizers.SGD(0.05, momentum=0.9))  # "accuracy": built lazily by Keras
+    x, y = data(48)
+    pruning = kt.TaylorPruning(target=0.7, prune_every=2, channels_per_step=50)
+    kt.fit_prune(gated, x, y, batch_size=8, epochs=2, pruning=pruning, verbose=0)
+    assert len(traced) == 1
 
 
 def test_bad_arguments_raise_before_training():

@@ -29,7 +29,10 @@ def test_transfer_study_smoke_and_resume(tmp_path):
         assert cell["reached"] and cell["flops_fraction"] <= 0.5 + 1e-9
         assert 0.0 <= cell["top1"] <= 1.0
         assert len(cell["epochs"]) == 2  # prune_epochs + finetune_epochs in --smoke
-        assert cell["epochs"][-1]["params"] < cell["epochs"][0]["params"]  # fine-tuned the pruned model
+        assert cell["epochs"][-1]["params"] < cell["epochs"][0]["params_begin"]  # fine-tuned the pruned model
+        ph = cell["phases"]  # the step-time log: every minibatch of both models, the switch between them
+        assert cell["switch"] == "step" and ph["gated_steps"] + ph["pruned_steps"] == 2 * 4  # 2 epochs x ceil(60 / 16) minibatches
+        assert ph["pruned_steps"] > 0 and ph["switch"] > 0 and ph["other"] > 0
     summary = results["summary"]
     margin = summary["random|0.5"]["margin_vs_taylor_fo_bn"]
     assert margin["seeds"] == [0, 1] and margin["ci95"][0] <= margin["mean"] <= margin["ci95"][1]
@@ -78,6 +81,15 @@ def test_transfer_study_torch_part_smoke(tmp_path):
     assert m["ci95"][0] <= m["mean"] <= m["ci95"][1]
     assert results["variants"]["random/own|0.5"]["vs taylor_fo_bn/own"]["seeds"] == [0, 1]
     assert "Torch-Pruning 0.5: n=2" in out
+    wall = comparison["wall_by_switch"]["step"]  # the whole-run wall times with the step-time phases
+    assert sorted(wall["seeds"]) == [0, 1] and all(p["pruned_steps"] > 0 for p in wall["keras_phases"])
+    # keras_taylor at the FLOPs Torch-Pruning reached, paired by seed
+    results, out = run(tmp_path, "--match_torch", "--seeds=0,1", "--targets=0.5", "--criteria=taylor_fo_bn")
+    eq = results["torch_comparison"]["0.5"]["equal_flops"]["taylor_fo_bn/own"]
+    assert eq["seeds"] == [0, 1]
+    for mine, theirs, target in zip(eq["flops"], eq["torch_flops"], [0.5, 0.5]):
+        assert mine <= theirs + 1e-9 and theirs < target  # Torch-Pruning overshot; keras_taylor pruned to its FLOPs
+    assert set(results["summary"]) == {"taylor_fo_bn|0.5", "random|0.5", "dense"}  # matched cells kept apart
     before = {k: v["prune_and_finetune_seconds"] for k, v in runs.items()}
     again, _ = run(tmp_path, "--part=torch", "--seeds=0,1", "--targets=0.5", "--criteria=taylor_fo_bn,random")
     assert {k: v["prune_and_finetune_seconds"] for k, v in again["torch"].items()} == before  # resumed, not re-run
