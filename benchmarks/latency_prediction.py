@@ -20,8 +20,9 @@ machine) and runtime (`tf`, `tflite`; batch 1):
    the same scores at the FLOPs the latency plan reached.
 4. A final check, anchored: the prunings and both targeted models of every
    target timed in groups of at most `--group` models, each group together
-   with the dense model, `--check_rounds` interleaved rounds (minimum of
-   per-round means) — the context of the calibration (dense + `--calibrate`
+   with the dense model, `--check_rounds` interleaved rounds (times paired
+   to the group's dense model: its minimum of per-round means × each model's
+   median same-round ratio to it, `latency.paired_ms`) — the context of the calibration (dense + `--calibrate`
    prunings) and of the closed loop. Compared with `table.predict`
    (calibrated) and the uncalibrated table's prediction, both absolutely
    (predicted ms ÷ measured ms) and anchored (predicted ÷ predicted dense,
@@ -221,7 +222,7 @@ def run_one(name, runtime):
         "table_build_s": build_s, "calibrate_s": calibrate_s, "table_cached_s": cached_s, "segments": len(table.layers),
         "calibration": table.calibration,
         "dense_predicted_ms": table.predict(model), "dense_measured_min_ms": dense,
-        "check_protocol": f"anchored groups: dense + at most {FLAGS.group} models, {FLAGS.check_rounds} interleaved rounds each",
+        "check_protocol": f"anchored groups: dense + at most {FLAGS.group} models, {FLAGS.check_rounds} interleaved rounds each, statistic {lt.WHOLE_MODEL_STAT}",
         "group_dense_ms": group_dense, "calibration_dense_ms": cal_dense,
         "table_full_ms": table.full_ms, "uncalibrated_fixed_ms": uncal.fixed_ms,
         "median_abs_err": float(np.median(err)), "worst_abs_err": float(err.max()),
