@@ -79,6 +79,7 @@ flags.DEFINE_list("targets", ["0.7", "0.5", "0.3"], "One-shot knapsack latency t
 flags.DEFINE_list("fractions", ["0.125", "0.25", "0.375", "0.5", "0.625", "0.75", "0.875"], "Width fractions sampled by the table.")
 flags.DEFINE_bool("build_only", False, "Only time a cold table build (no calibration, no check); key <model>/<runtime>/<size>/build.")
 flags.DEFINE_bool("fresh", True, "Clear this run's table cache first (cold build time).")
+flags.DEFINE_string("key_suffix", "", "Appended to the results key <model>/<runtime>/<size> (e.g. \"/paired\": a rerun kept beside an earlier one).")
 flags.DEFINE_string("cache_dir", "/tmp/keras_taylor_latency_bench", "Table cache directory.")
 flags.DEFINE_string("output", os.path.join(os.path.dirname(__file__), "results", "latency_prediction.json"), "Results JSON.")
 
@@ -282,7 +283,7 @@ def main(argv):
             res = anchored(run_one(name, runtime))
             res["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
             res["command"] = " ".join(["python"] + sys.argv)
-            results["runs"][f"{name}/{runtime}/{FLAGS.size}"] = res
+            results["runs"][f"{name}/{runtime}/{FLAGS.size}{FLAGS.key_suffix}"] = res
             print(
                 f"{name} {runtime} {FLAGS.size}²: table {res['table_build_s']:.0f} s ({res['segments']} segments), "
                 f"calibration {res['calibrate_s']:.0f} s, cached {res['table_cached_s']:.2f} s; coef {res['calibration'] and res['calibration']['coef']}; "
