@@ -20,8 +20,9 @@ machine) and runtime (`tf`, `tflite`; batch 1):
    the same scores at the FLOPs the latency plan reached.
 4. A final check, anchored: the prunings and both targeted models of every
    target timed in groups of at most `--group` models, each group together
-   with the dense model, `--check_rounds` interleaved rounds (minimum of
-   per-round means) — the context of the calibration (dense + `--calibrate`
+   with the dense model, `--check_rounds` interleaved rounds (times paired
+   to the group's dense model: its minimum of per-round means × each model's
+   median same-round ratio to it, `latency.paired_ms`) — the context of the calibration (dense + `--calibrate`
    prunings) and of the closed loop. Compared with `table.predict`
    (calibrated) and the uncalibrated table's prediction, both absolutely
    (predicted ms ÷ measured ms) and anchored (predicted ÷ predicted dense,
@@ -78,6 +79,7 @@ flags.DEFINE_list("targets", ["0.7", "0.5", "0.3"], "One-shot knapsack latency t
 flags.DEFINE_list("fractions", ["0.125", "0.25", "0.375", "0.5", "0.625", "0.75", "0.875"], "Width fractions sampled by the table.")
 flags.DEFINE_bool("build_only", False, "Only time a cold table build (no calibration, no check); key <model>/<runtime>/<size>/build.")
 flags.DEFINE_bool("fresh", True, "Clear this run's table cache first (cold build time).")
+flags.DEFINE_string("key_suffix", "", "Appended to the results key <model>/<runtime>/<size> (e.g. \"/paired\": a rerun kept beside an earlier one).")
 flags.DEFINE_string("cache_dir", "/tmp/keras_taylor_latency_bench", "Table cache directory.")
 flags.DEFINE_string("output", os.path.join(os.path.dirname(__file__), "results", "latency_prediction.json"), "Results JSON.")
 
@@ -221,7 +223,7 @@ def run_one(name, runtime):
         "table_build_s": build_s, "calibrate_s": calibrate_s, "table_cached_s": cached_s, "segments": len(table.layers),
         "calibration": table.calibration,
         "dense_predicted_ms": table.predict(model), "dense_measured_min_ms": dense,
-        "check_protocol": f"anchored groups: dense + at most {FLAGS.group} models, {FLAGS.check_rounds} interleaved rounds each",
+        "check_protocol": f"anchored groups: dense + at most {FLAGS.group} models, {FLAGS.check_rounds} interleaved rounds each, statistic {lt.WHOLE_MODEL_STAT}",
         "group_dense_ms": group_dense, "calibration_dense_ms": cal_dense,
         "table_full_ms": table.full_ms, "uncalibrated_fixed_ms": uncal.fixed_ms,
         "median_abs_err": float(np.median(err)), "worst_abs_err": float(err.max()),
@@ -281,7 +283,7 @@ def main(argv):
             res = anchored(run_one(name, runtime))
             res["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
             res["command"] = " ".join(["python"] + sys.argv)
-            results["runs"][f"{name}/{runtime}/{FLAGS.size}"] = res
+            results["runs"][f"{name}/{runtime}/{FLAGS.size}{FLAGS.key_suffix}"] = res
             print(
                 f"{name} {runtime} {FLAGS.size}²: table {res['table_build_s']:.0f} s ({res['segments']} segments), "
                 f"calibration {res['calibrate_s']:.0f} s, cached {res['table_cached_s']:.2f} s; coef {res['calibration'] and res['calibration']['coef']}; "

@@ -174,9 +174,10 @@ def time_callables(
     microsecond-scale callables without spending seconds on slow ones.
 
     Returns:
-        `{name: {"median_ms", "min_ms", "q25_ms", "calls"}}`; `q25_ms` (the
-        25th percentile over rounds) is the statistic latency tables use:
-        robust to load spikes, less optimistic than the minimum.
+        `{name: {"median_ms", "min_ms", "q25_ms", "calls", "per_round_ms"}}`;
+        `q25_ms` is the 25th percentile over rounds; `per_round_ms` the
+        per-round means in round order (rounds are paired across names:
+        round `r` of every callable ran in the same interleaved round).
     """
     if not fns:
         raise ValueError("Expected at least one callable. Received: fns={}")
@@ -191,6 +192,37 @@ def time_callables(
             "min_ms": float(np.min(t)),
             "q25_ms": float(np.quantile(t, 0.25)),
             "calls": calls[n],
+            "per_round_ms": [float(v) for v in t],
         }
         for n, t in times.items()
     }
+
+
+def paired_ms(per_round: Mapping[str, list], reference: str) -> dict:
+    """Paired (anchored) per-call times: the reference's minimum over rounds
+    times each callable's *median per-round ratio* to the reference (same
+    round). The ratio of two results is then a median of paired ratios,
+    which a drift of the machine during the rounds moves far less than a
+    ratio of two minima taken in different rounds.
+
+    Args:
+        per_round: `{name: [ms per round]}`, rounds paired across names (as
+            `interleaved` returns them).
+        reference: the name the ratios are taken against.
+
+    Raises:
+        ValueError: if `reference` is missing, the round counts differ, or a
+            reference round is not positive.
+    """
+    if reference not in per_round:
+        raise ValueError(f"Expected reference in {sorted(per_round)}. Received: reference={reference!r}")
+    ref = np.asarray(per_round[reference], dtype=np.float64)
+    if ref.size == 0 or (ref <= 0).any():
+        raise ValueError(f"Expected positive reference times. Received: {ref.tolist()[:10]}")
+    out = {}
+    for n, t in per_round.items():
+        t = np.asarray(t, dtype=np.float64)
+        if t.shape != ref.shape:
+            raise ValueError(f"Expected {ref.size} rounds for every name. Received: {t.size} for {n!r}")
+        out[n] = float(ref.min() * np.median(t / ref))
+    return out

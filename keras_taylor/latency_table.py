@@ -70,6 +70,8 @@ RUNTIMES = ("tf", "tflite", "onnxruntime")
 _FRACTIONS = (1 / 8, 1 / 4, 3 / 8, 1 / 2, 5 / 8, 3 / 4, 7 / 8)
 FORMAT = "keras_taylor.latency_table/1"
 WHOLE_MODEL_BLOCK_MS = 25.0  # timing block of whole models (calibration, plan_for_latency)
+REFERENCE = "dense"  # whole-model timings are paired to the model of this name (`_runtime_timer`)
+WHOLE_MODEL_STAT = "paired-median"  # part of the calibration's cache key: changes with the statistic
 
 L = keras.layers
 # Channel-wise layers timed with the layer whose output they ride on.
@@ -426,7 +428,7 @@ class LatencyTable:
         table.fixed_ms = full_ms - table.predict(plain)
         if calibrate:
             calibration_rounds = int(calibration_rounds or 3 * rounds)
-            cal_key = _hash(f"{full_key}|calibrate={calibrate}|seed={seed}|rounds={calibration_rounds}|block={WHOLE_MODEL_BLOCK_MS}|fit=loo-floor|{sorted((k, _hash(json.dumps(v, sort_keys=True))) for k, v in layers.items())}")
+            cal_key = _hash(f"{full_key}|calibrate={calibrate}|seed={seed}|rounds={calibration_rounds}|block={WHOLE_MODEL_BLOCK_MS}|stat={WHOLE_MODEL_STAT}|fit=loo-floor|{sorted((k, _hash(json.dumps(v, sort_keys=True))) for k, v in layers.items())}")
             cal = cache.get(cal_key)
             if cal is None:
                 # Whole models are timed as a user runs them (call overhead included: `a0` holds it).
@@ -632,10 +634,16 @@ class LatencyTable:
             return cls.from_dict(json.load(f))
 
 
-def _runtime_timer(runtime, batch_size, threads, rounds, rng, overhead=0.0, block_ms=WHOLE_MODEL_BLOCK_MS):
+def _runtime_timer(runtime, batch_size, threads, rounds, rng, overhead=0.0, block_ms=WHOLE_MODEL_BLOCK_MS, reference=REFERENCE):
     """`{name: model} -> {name: ms}`: the models run on `runtime`, timed
-    together in interleaved rounds (minimum of per-round means, the runtime's
-    per-call `overhead` subtracted). Each round runs a model for a block of
+    together in interleaved rounds (the runtime's per-call `overhead`
+    subtracted). When `reference` (the dense model, `"dense"`) is among the
+    names, times are paired (`latency.paired_ms`): the reference's minimum of
+    per-round means × each model's median per-round ratio to it, so a
+    model's ratio to the dense one is a median of same-round ratios (MobileNetV2
+    224², TFLite, 1 thread, 6 repeats of 21 rounds: s.d. of a pruned/dense ratio 0.004–0.006
+    against 0.006–0.014 for the ratio of the two minima; docs/latency.md);
+    otherwise the minimum of per-round means. Each round runs a model for a block of
     about `block_ms` (several calls, so that a block is not one call on
     caches the other models just evicted; on tf, the dense MobileNetV2 at 64²
     measured 5.8 ms among 7 models and 6.7 ms among 45 with one-call blocks —
@@ -649,7 +657,8 @@ def _runtime_timer(runtime, batch_size, threads, rounds, rng, overhead=0.0, bloc
             if id(m) not in built:
                 built[id(m)] = (m, _runner(m, runtime, batch_size, rng, threads))
             runners[k] = built[id(m)][1]
-        return {k: max(v - overhead, 1e-9) for k, v in _time(runners, rounds, rng, block_ms).items()}
+        ref = reference if reference in runners else None
+        return {k: max(v - overhead, 1e-9) for k, v in _time(runners, rounds, rng, block_ms, ref).items()}
 
     return measure
 
@@ -677,9 +686,12 @@ def _hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def _time(runners: dict, rounds: int, rng, block_ms: float = 5.0) -> dict:
-    """Minimum over rounds of per-round mean ms, interleaved (`latency.time_callables`)."""
+def _time(runners: dict, rounds: int, rng, block_ms: float = 5.0, reference=None) -> dict:
+    """Minimum over rounds of per-round mean ms, interleaved (`latency.time_callables`);
+    with a `reference` name, paired times instead (`latency.paired_ms`)."""
     timed = latency_lib.time_callables(runners, rounds=rounds, target_ms=block_ms, seed=int(rng.integers(1 << 30)))
+    if reference is not None:
+        return latency_lib.paired_ms({k: v["per_round_ms"] for k, v in timed.items()}, reference)
     return {k: v["min_ms"] for k, v in timed.items()}
 
 
@@ -778,7 +790,8 @@ def plan_for_latency(
         target: the measured latency ratio wanted, in (0, 1].
         measure: callable `{name: keras.Model} -> {name: ms}` timing the
             models together. Defaults to the table's runtime, batch size and
-            threads, interleaved rounds, minimum of per-round means.
+            threads, interleaved rounds, times paired to the dense model
+            (the measured ratio is the median of same-round ratios).
         tolerance: stop when |measured ratio − target| ≤ this.
         iterations: most plans (and measurements of pruned models).
         rounds: interleaved timing rounds of the default `measure`.

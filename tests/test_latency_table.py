@@ -243,6 +243,10 @@ def test_measure_calibrates_and_caches_the_calibration(tmp_path, monkeypatch):
     assert kt.LatencyTable.measure(model, runtime="tf", rounds=2, calibrate=0, cache_dir=str(tmp_path), verbose=0).calibration is None
     table.save(str(tmp_path / "t.json"))
     assert kt.LatencyTable.load(str(tmp_path / "t.json")).calibration == cal
+    # Another whole-model statistic is another measurement: the calibration is not reused.
+    monkeypatch.setattr(lt, "WHOLE_MODEL_STAT", "other")
+    kt.LatencyTable.measure(model, runtime="tf", rounds=2, calibrate=2, cache_dir=str(tmp_path), verbose=0)
+    assert calls == [1]
     with pytest.raises(ValueError, match="calibrate"):
         kt.LatencyTable.measure(model, calibrate=-1, cache_dir=str(tmp_path))
 
@@ -330,3 +334,39 @@ def test_closed_loop_steps_along_the_measurements():
     assert history[0]["measured_fraction"] > 0.8 and len(history) <= 3, steps  # far off first, then 2 steps
     measured = 0.5 + 0.5 * table.predict(kt.apply_plan(model, plan)) / dense_pred
     assert abs(measured - 0.7) <= 0.02 and measured == pytest.approx(history[-1]["measured_fraction"])
+
+
+def test_paired_times_follow_same_round_ratios():
+    from keras_taylor import latency
+
+    # The machine slows down 2x halfway; "p" is always 0.5x the dense model of its round.
+    dense = [10.0, 10.0, 10.0, 20.0, 20.0, 20.0, 20.0]
+    rounds = {"dense": dense, "p": [0.5 * d for d in dense], "q": [6.0, 6.0, 6.0, 6.0, 6.0, 6.0, 30.0]}
+    out = latency.paired_ms(rounds, "dense")
+    assert out["dense"] == pytest.approx(10.0)
+    assert out["p"] / out["dense"] == pytest.approx(0.5)
+    # q: ratios 0.6 (x3), 0.3 (x3), 1.5 -> median 0.6 although its minimum is 6 of a 10 ms round.
+    assert out["q"] / out["dense"] == pytest.approx(0.6)
+    with pytest.raises(ValueError, match="reference"):
+        latency.paired_ms(rounds, "nope")
+    with pytest.raises(ValueError, match="rounds"):
+        latency.paired_ms({"dense": dense, "p": [1.0]}, "dense")
+    with pytest.raises(ValueError, match="positive"):
+        latency.paired_ms({"dense": [0.0, 1.0]}, "dense")
+
+
+def test_whole_model_timer_pairs_to_the_dense_model(monkeypatch):
+    from keras_taylor import latency
+
+    per_round = {"dense": [2.0, 4.0, 4.0], "m": [1.5, 1.0, 1.0], "a": [1.0, 3.0, 2.0]}
+
+    def fake_time_callables(runners, rounds, target_ms, seed):
+        return {k: {"min_ms": min(per_round[k]), "per_round_ms": per_round[k]} for k in runners}
+
+    monkeypatch.setattr(latency, "time_callables", fake_time_callables)
+    monkeypatch.setattr(lt, "_runner", lambda *a, **k: (lambda: None))
+    timer = lt._runtime_timer("tf", 1, None, 3, np.random.default_rng(0))
+    paired = timer({"dense": object(), "m": object()})
+    assert paired["m"] / paired["dense"] == pytest.approx(0.25)  # median of 0.75, 0.25, 0.25
+    plain = timer({"a": object(), "m": object()})  # no dense model: minima
+    assert plain == {"a": 1.0, "m": 1.0}
