@@ -176,6 +176,7 @@ def _step_timer_class():
             self.pruner = pruner
             self.times, self.scoring, self.after = [], [], []
             self.steps, self.rows, self.models = [], [], []
+            self.train_begin = self.train_end = None  # `time.perf_counter()` at on_train_begin / on_train_end
 
         def _model_index(self) -> int:
             for i, m in enumerate(self.models):
@@ -183,6 +184,12 @@ def _step_timer_class():
                     return i
             self.models.append(self.model)
             return len(self.models) - 1
+
+        def on_train_begin(self, logs=None):
+            self.train_begin = time.perf_counter()
+
+        def on_train_end(self, logs=None):
+            self.train_end = time.perf_counter()
 
         def on_epoch_begin(self, epoch, logs=None):
             self._t0 = time.perf_counter()
@@ -201,7 +208,8 @@ def _step_timer_class():
                 (self.after if self._done else self.scoring).append(seconds)
 
         def on_epoch_end(self, epoch, logs=None):
-            self.rows.append({"epoch": epoch, "seconds": time.perf_counter() - self._t0,
+            self._last_epoch_end = now = time.perf_counter()
+            self.rows.append({"epoch": epoch, "seconds": now - self._t0,
                               "params_begin": self._params_begin, "params": int(self.model.count_params())})
 
         def phases(self, t_start, t_end) -> dict:
@@ -226,6 +234,13 @@ def _step_timer_class():
             out["switch"] = (pruned[0][0] - (gated[-1][0] + gated[-1][1])) if gated and pruned else 0.0
             inside = sum(s[1] for s in self.steps) + out["switch"]
             out["other"] = (t_end - t_start) - inside
+            # where "other" went: before `fit` called on_train_begin (set-up, the callbacks'
+            # on_train_begin not included), the epochs' own time outside the steps, and after
+            # on_train_end (what follows `fit`'s last callback until `t_end`)
+            if self.train_begin is not None and self.train_end is not None:
+                out["before_train_begin"] = self.train_begin - t_start
+                out["after_train_end"] = t_end - self.train_end
+                out["last_epoch_end_to_train_end"] = self.train_end - getattr(self, "_last_epoch_end", self.train_end)
             return out
 
         def log(self) -> dict:

@@ -39,6 +39,8 @@ def test_step_timer_logs_both_models_of_fit_prune():
     assert ph["switch"] > 0 and ph["other"] > 0
     total = ph["gated_first_step"] + ph["gated_other_steps"] + ph["pruned_first_step"] + ph["pruned_other_steps"]
     assert total + ph["switch"] + ph["other"] == pytest.approx(t1 - t0)
+    parts = ph["before_train_begin"], ph["last_epoch_end_to_train_end"], ph["after_train_end"]
+    assert all(p >= 0 for p in parts) and sum(parts) < ph["other"]
     log = timer.log()
     assert len(log["step_ms"]) == 12 and log["model"] == [s[2] for s in timer.steps]
     assert [r["epoch"] for r in timer.rows] == [0, 1]
