@@ -7,10 +7,12 @@ GroupTaylorImportance on the same ResNet, data, schedule and FLOPs target.
     python benchmarks/torch_pruning_compare.py --quick            # smoke run (ResNet-8, 2,560 images)
     python benchmarks/torch_pruning_compare.py --shared_dense     # control: both prune the Keras-trained model
 
-The runs behind benchmarks/sections/torch_pruning.md (≈38 + 20 min on 2 busy cores):
+The runs behind benchmarks/sections/torch_pruning.md (≈38 + 20 min on 2 busy cores,
+2026-11-21, the gated path; the wall-time run with kt.fit_prune: ≈7 min on 2 quiet cores):
 
-    python benchmarks/torch_pruning_compare.py --seeds 0,1 --train_subset 20000 --epochs 3 --prune_epochs 3 --prune_every 10
-    python benchmarks/torch_pruning_compare.py --shared_dense --seeds 0,1 --train_subset 20000 --epochs 3 --prune_epochs 3 --prune_every 10
+    python benchmarks/torch_pruning_compare.py --keras_path=gated --seeds 0,1 --train_subset 20000 --epochs 3 --prune_epochs 3 --prune_every 10
+    python benchmarks/torch_pruning_compare.py --keras_path=gated --shared_dense --seeds 0,1 --train_subset 20000 --epochs 3 --prune_epochs 3 --prune_every 10
+    python benchmarks/torch_pruning_compare.py --shared_dense --seeds 0,1,2 --train_subset 20000 --epochs 3 --prune_epochs 3 --prune_every 10
 
 For each seed:
   1. build `keras_taylor.models.resnet` (widths 16/32/64) with `keras.utils.set_random_seed(seed)`;
@@ -31,14 +33,24 @@ For each seed:
      (`examples/fashion_mnist.py`): SGD(momentum 0.9, Nesterov), cosine decay
      0.1 -> 0.001 over the training epochs, then `add_gates` +
      `TaylorPruning(target, metric="flops", prune_every, channels_per_step)`
-     with cosine decay 0.02 -> 0.001 over the pruning epochs, then
-     `keras_taylor.prune`.
+     with cosine decay 0.02 -> 0.001 over the pruning epochs, run by
+     `keras_taylor.fit_prune` (default `--keras_path=fit_prune`: one `fit`,
+     the physically pruned model trains from the minibatch after the target,
+     optimizer state sliced); `--keras_path=gated` is the earlier path (the
+     gated full-size model trains to the end, then `keras_taylor.prune`).
 With `--shared_dense`, step 2 skips its training and starts pruning from the
 Keras model trained in step 3 (weights and BN statistics copied, logits
 checked), so the two pruners start from the same dense model.
 Both sides run one after the other (not concurrently), so their wall times are
-comparable. Results: `benchmarks/results/torch_pruning_compare.json`, one entry
-per experiment (`independent_training`, `shared_dense_start`).
+comparable. "prune_and_finetune_seconds" is the same span on both sides: from
+the start of pruning (ours: `add_gates`; theirs: building the pruner's
+dependency graph) to the end of the last fine-tuning minibatch, every pruning
+step, the surgery and (ours) the switch to the pruned model and both traces of
+the train step included, evaluation excluded. Both record a per-minibatch
+step-time log (`step_log`; ours also `phases`: `_harness.StepTimer`).
+Results: `benchmarks/results/torch_pruning_compare.json`, one entry per
+experiment: `independent_training`, `shared_dense_start` (gated path, the
+2026-11-21 runs), `independent_training_fit_prune`, `shared_dense_start_fit_prune`.
 """
 
 from __future__ import annotations
