@@ -55,6 +55,7 @@ experiment: `independent_training`, `shared_dense_start` (gated path, the
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -206,6 +207,26 @@ def run_keras(model, data, perms, epochs, prune_epochs, steps, verbose, trained=
     timer = _harness.StepTimer(pruner)
     phase_ds = keras_phase_ds(x_train, y_train, perms[epochs:epochs + prune_epochs], FLAGS.batch_size)
     switched_at = None
+    # Where time outside the steps goes: Python's garbage-collector pauses, and the moment
+    # `fit` returned (after its callbacks' on_train_end, its data iterator released).
+    gc_pauses, marks = [], {}
+
+    def on_gc(phase, info):
+        if phase == "start":
+            marks["gc"] = time.perf_counter()
+        elif "gc" in marks:
+            gc_pauses.append((info["generation"], time.perf_counter() - marks.pop("gc")))
+
+    fit = gated.fit
+
+    def timed_fit(*args, **kwargs):
+        try:
+            return fit(*args, **kwargs)
+        finally:
+            marks["fit_returned"] = time.perf_counter()
+
+    gated.fit = timed_fit  # instance attribute: fit_prune's `model.fit(...)` calls it
+    gc.callbacks.append(on_gc)
     if FLAGS.keras_path == "fit_prune":
         pruned, history = kt.fit_prune(gated, phase_ds, pruning=pruner, epochs=prune_epochs, steps_per_epoch=steps,
                                        verbose=verbose, shuffle=False, callbacks=[timer], switch=FLAGS.switch)
@@ -220,11 +241,18 @@ def run_keras(model, data, perms, epochs, prune_epochs, steps, verbose, trained=
         t1 = time.perf_counter()
         surgery_s = t1 - t
     phase_s = time.time() - t_phase
+    gc.callbacks.remove(on_gc)
+    del gated.fit
     acc_after = top1(pruned, test_ds)
     before, after = kt.profile(model), kt.profile(pruned)
     print(f"[keras] top-1 after {acc_after:.4f}; FLOPs {after.flops / before.flops:.3f}", flush=True)
     med = lambda v: 1000 * float(np.median(v)) if v else None  # noqa: E731
     phases = timer.phases(t0, t1)
+    if timer.train_end is not None and "fit_returned" in marks:
+        phases["train_end_to_fit_returned"] = marks["fit_returned"] - timer.train_end
+    phases["gc_seconds"] = float(sum(p for _, p in gc_pauses))
+    phases["gc_max_pause"] = max((p for _, p in gc_pauses), default=0.0)
+    phases["gc_collections"] = [sum(1 for g, _ in gc_pauses if g == k) for k in range(3)]
     return {
         "path": FLAGS.keras_path,
         "switch": FLAGS.switch if FLAGS.keras_path == "fit_prune" else None,
