@@ -160,24 +160,92 @@ def _step_timer_class():
     import keras
 
     class StepTimer(keras.callbacks.Callback):
-        """Wall time of every training minibatch (`times`, seconds). With a
-        `pruner`, also split into `scoring` (pruning not done when the batch
-        began) and `after`; list it before the pruner."""
+        """The step-time log of a `fit`: the wall time of every training
+        minibatch (`times`, seconds), and per minibatch `steps` rows
+        `(start, seconds, model index)`: the index into `models` of the model
+        that trained it (`keras_taylor.fit_prune` hands its callbacks the
+        pruned model at the switch: index 1). `rows`: seconds and
+        `count_params` per epoch. With a `pruner`, `times` is also split into
+        `scoring` (pruning not done when the minibatch began) and `after`;
+        list it before the pruner (and before `fit_prune`'s switch, which
+        `fit_prune` appends last), so a minibatch's time excludes the pruning
+        step and the switch that follow it. `phases()` sums the log per phase."""
 
         def __init__(self, pruner=None):
             super().__init__()
             self.pruner = pruner
             self.times, self.scoring, self.after = [], [], []
+            self.steps, self.rows, self.models = [], [], []
+            self.train_begin = self.train_end = None  # `time.perf_counter()` at on_train_begin / on_train_end
+
+        def _model_index(self) -> int:
+            for i, m in enumerate(self.models):
+                if m is self.model:
+                    return i
+            self.models.append(self.model)
+            return len(self.models) - 1
+
+        def on_train_begin(self, logs=None):
+            self.train_begin = time.perf_counter()
+
+        def on_train_end(self, logs=None):
+            self.train_end = time.perf_counter()
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self._t0 = time.perf_counter()
+            self._params_begin = int(self.model.count_params())
 
         def on_train_batch_begin(self, batch, logs=None):
             self._done = bool(self.pruner.done) if self.pruner is not None else False
             self._t = time.perf_counter()
 
         def on_train_batch_end(self, batch, logs=None):
-            seconds = time.perf_counter() - self._t
+            now = time.perf_counter()
+            seconds = now - self._t
             self.times.append(seconds)
+            self.steps.append((self._t, seconds, self._model_index()))
             if self.pruner is not None:
                 (self.after if self._done else self.scoring).append(seconds)
+
+        def on_epoch_end(self, epoch, logs=None):
+            self._last_epoch_end = now = time.perf_counter()
+            self.rows.append({"epoch": epoch, "seconds": now - self._t0,
+                              "params_begin": self._params_begin, "params": int(self.model.count_params())})
+
+        def phases(self, t_start, t_end) -> dict:
+            """Seconds per phase of the run between `t_start` and `t_end`
+            (`time.perf_counter()` values): the first minibatch of each model
+            (tracing its step + one step), the other minibatches of each model
+            (with their median), the switch (between the last gated and the
+            first pruned minibatch: the last pruning step, surgery, compile,
+            optimizer slicing), the rest (fit set-up, pruning steps, epoch
+            ends, data iterators)."""
+            gated = [s for s in self.steps if s[2] == 0]
+            pruned = [s for s in self.steps if s[2] != 0]
+            med = lambda v: 1000 * float(np.median([s[1] for s in v[1:]])) if len(v) > 1 else None  # noqa: E731
+            out = {"gated_first_step": gated[0][1] if gated else 0.0,
+                   "gated_other_steps": float(sum(s[1] for s in gated[1:])),
+                   "gated_step_ms_median": med(gated),
+                   "gated_steps": len(gated),
+                   "pruned_first_step": pruned[0][1] if pruned else 0.0,
+                   "pruned_other_steps": float(sum(s[1] for s in pruned[1:])),
+                   "pruned_step_ms_median": med(pruned),
+                   "pruned_steps": len(pruned)}
+            out["switch"] = (pruned[0][0] - (gated[-1][0] + gated[-1][1])) if gated and pruned else 0.0
+            inside = sum(s[1] for s in self.steps) + out["switch"]
+            out["other"] = (t_end - t_start) - inside
+            # where "other" went: before `fit` called on_train_begin (set-up, the callbacks'
+            # on_train_begin not included), the epochs' own time outside the steps, and after
+            # on_train_end (what follows `fit`'s last callback until `t_end`)
+            if self.train_begin is not None and self.train_end is not None:
+                out["before_train_begin"] = self.train_begin - t_start
+                out["after_train_end"] = t_end - self.train_end
+                out["last_epoch_end_to_train_end"] = self.train_end - getattr(self, "_last_epoch_end", self.train_end)
+            return out
+
+        def log(self) -> dict:
+            """The per-minibatch log for a JSON record: milliseconds and model index."""
+            return {"step_ms": [round(1000 * s[1], 3) for s in self.steps], "model": [s[2] for s in self.steps]}
 
     return StepTimer
 
@@ -205,11 +273,26 @@ def define_common_flags(flags, output: str, quick_help: str = "Smoke run: the sm
 
 
 def write_json(result: dict, path: str) -> None:
+    """Writes `result` to `path` (indent 1), atomically: a temporary file
+    beside it, then a rename, so an interrupted run leaves the old file whole."""
     import json
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
         json.dump(result, f, indent=1)
+    os.replace(tmp, path)
+
+
+def read_json(path: str, default=None):
+    """The JSON in `path`, or `default` (called when callable, so that every
+    call gets a fresh object) when there is no such file."""
+    import json
+
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return default() if callable(default) else default
 
 
 # ---- the PyTorch venv of torch_side.py (torch_pruning_compare.py, transfer_study.py --part=torch)

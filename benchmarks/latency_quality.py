@@ -48,7 +48,6 @@ The summary gives per model the per-seed margins, their mean and spread.
 from __future__ import annotations
 
 import datetime
-import json
 import math
 import os
 import sys
@@ -332,10 +331,7 @@ def reevaluate(name, seed, cell, tag) -> None:
 
 # ---- driver -------------------------------------------------------------------------------
 def load_results(path) -> dict:
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
-    return {"cells": {}}
+    return _harness.read_json(path, lambda: {"cells": {}})
 
 
 def summarize(results) -> dict:

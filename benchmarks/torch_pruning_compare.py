@@ -7,10 +7,12 @@ GroupTaylorImportance on the same ResNet, data, schedule and FLOPs target.
     python benchmarks/torch_pruning_compare.py --quick            # smoke run (ResNet-8, 2,560 images)
     python benchmarks/torch_pruning_compare.py --shared_dense     # control: both prune the Keras-trained model
 
-The runs behind benchmarks/sections/torch_pruning.md (≈38 + 20 min on 2 busy cores):
+The runs behind benchmarks/sections/torch_pruning.md (≈38 + 20 min on 2 busy cores,
+2026-11-21, the gated path; the wall-time run with kt.fit_prune: ≈7 min on 2 quiet cores):
 
-    python benchmarks/torch_pruning_compare.py --seeds 0,1 --train_subset 20000 --epochs 3 --prune_epochs 3 --prune_every 10
-    python benchmarks/torch_pruning_compare.py --shared_dense --seeds 0,1 --train_subset 20000 --epochs 3 --prune_epochs 3 --prune_every 10
+    python benchmarks/torch_pruning_compare.py --keras_path=gated --seeds 0,1 --train_subset 20000 --epochs 3 --prune_epochs 3 --prune_every 10
+    python benchmarks/torch_pruning_compare.py --keras_path=gated --shared_dense --seeds 0,1 --train_subset 20000 --epochs 3 --prune_epochs 3 --prune_every 10
+    python benchmarks/torch_pruning_compare.py --shared_dense --seeds 0,1,2 --train_subset 20000 --epochs 3 --prune_epochs 3 --prune_every 10
 
 For each seed:
   1. build `keras_taylor.models.resnet` (widths 16/32/64) with `keras.utils.set_random_seed(seed)`;
@@ -31,18 +33,29 @@ For each seed:
      (`examples/fashion_mnist.py`): SGD(momentum 0.9, Nesterov), cosine decay
      0.1 -> 0.001 over the training epochs, then `add_gates` +
      `TaylorPruning(target, metric="flops", prune_every, channels_per_step)`
-     with cosine decay 0.02 -> 0.001 over the pruning epochs, then
-     `keras_taylor.prune`.
+     with cosine decay 0.02 -> 0.001 over the pruning epochs, run by
+     `keras_taylor.fit_prune` (default `--keras_path=fit_prune`: one `fit`,
+     the physically pruned model trains from the minibatch after the target,
+     optimizer state sliced); `--keras_path=gated` is the earlier path (the
+     gated full-size model trains to the end, then `keras_taylor.prune`).
 With `--shared_dense`, step 2 skips its training and starts pruning from the
 Keras model trained in step 3 (weights and BN statistics copied, logits
 checked), so the two pruners start from the same dense model.
 Both sides run one after the other (not concurrently), so their wall times are
-comparable. Results: `benchmarks/results/torch_pruning_compare.json`, one entry
-per experiment (`independent_training`, `shared_dense_start`).
+comparable. "prune_and_finetune_seconds" is the same span on both sides: from
+the start of pruning (ours: `add_gates`; theirs: building the pruner's
+dependency graph) to the end of the last fine-tuning minibatch, every pruning
+step, the surgery and (ours) the switch to the pruned model and both traces of
+the train step included, evaluation excluded. Both record a per-minibatch
+step-time log (`step_log`; ours also `phases`: `_harness.StepTimer`).
+Results: `benchmarks/results/torch_pruning_compare.json`, one entry per
+experiment: `independent_training`, `shared_dense_start` (gated path, the
+2026-11-21 runs), `independent_training_fit_prune`, `shared_dense_start_fit_prune`.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -85,6 +98,13 @@ flags.DEFINE_bool(
     "Control experiment: the PyTorch side skips its own training and starts pruning from the Keras "
     "side's trained weights, so both pruners start from the same dense model.",
 )
+flags.DEFINE_enum(
+    "keras_path", "fit_prune", ["fit_prune", "gated"],
+    "fit_prune: one `kt.fit_prune` (training moves to the physically pruned model at the switch); "
+    "gated: the earlier path (`TaylorPruning` in `fit`, the gated full-size model trains to the end, "
+    "then `kt.prune`).",
+)
+flags.DEFINE_enum("switch", "step", ["step", "epoch"], "kt.fit_prune(switch=) with --keras_path=fit_prune.")
 flags.DEFINE_enum("sides", "both", ["both", "keras", "torch"], "Which sides to run.")
 flags.DEFINE_string("work_dir", "runs/torch_pruning_compare", "Where the .npz exports and the torch JSONs go.")
 flags.DEFINE_string("output", None, "Result JSON (default benchmarks/results/torch_pruning_compare.json).")
@@ -165,29 +185,78 @@ def train_keras(model, data, perms, epochs, steps, verbose):
 
 
 def run_keras(model, data, perms, epochs, prune_epochs, steps, verbose, trained=None):
+    """Prunes and fine-tunes `model` (trained here unless `trained`).
+
+    The prune-and-fine-tune phase is timed as on the PyTorch side: from the
+    start of pruning (`add_gates`; theirs: building the pruner's dependency
+    graph) to the end of the last fine-tuning minibatch, every pruning step,
+    the surgery and the switch to the pruned model included; evaluations
+    excluded on both sides."""
     x_train, y_train, x_test, y_test = data
     test_ds = keras_test_ds(x_test, y_test)
     dense_wall, train_s, acc_before = trained or train_keras(model, data, perms, epochs, steps, verbose)
     started = time.time()  # with --shared_dense the PyTorch side ran in between: not counted
 
     t_phase = time.time()
+    t0 = time.perf_counter()
     gated = kt.add_gates(model)
     compile_model(gated, keras.optimizers.schedules.CosineDecay(0.02, decay_steps=prune_epochs * steps, alpha=0.05))
     pruner = TimedTaylorPruning(target=FLAGS.target, metric="flops", prune_every=FLAGS.prune_every,
                                 channels_per_step=FLAGS.channels_per_step)
     pruner.phase_start = t_phase
     timer = _harness.StepTimer(pruner)
-    gated.fit(keras_phase_ds(x_train, y_train, perms[epochs:epochs + prune_epochs], FLAGS.batch_size),
-              epochs=prune_epochs, steps_per_epoch=steps, verbose=verbose, shuffle=False, callbacks=[timer, pruner])
+    phase_ds = keras_phase_ds(x_train, y_train, perms[epochs:epochs + prune_epochs], FLAGS.batch_size)
+    switched_at = None
+    # Where time outside the steps goes: Python's garbage-collector pauses, and the moment
+    # `fit` returned (after its callbacks' on_train_end, its data iterator released).
+    gc_pauses, marks = [], {}
+
+    def on_gc(phase, info):
+        if phase == "start":
+            marks["gc"] = time.perf_counter()
+        elif "gc" in marks:
+            gc_pauses.append((info["generation"], time.perf_counter() - marks.pop("gc")))
+
+    fit = gated.fit
+
+    def timed_fit(*args, **kwargs):
+        try:
+            return fit(*args, **kwargs)
+        finally:
+            marks["fit_returned"] = time.perf_counter()
+
+    gated.fit = timed_fit  # instance attribute: fit_prune's `model.fit(...)` calls it
+    gc.callbacks.append(on_gc)
+    if FLAGS.keras_path == "fit_prune":
+        pruned, history = kt.fit_prune(gated, phase_ds, pruning=pruner, epochs=prune_epochs, steps_per_epoch=steps,
+                                       verbose=verbose, shuffle=False, callbacks=[timer], switch=FLAGS.switch)
+        switched_at = list(history.switched_at) if history.switched_at else None
+        t1 = time.perf_counter()
+        surgery_s = None  # inside the run (the switch)
+    else:
+        gated.fit(phase_ds, epochs=prune_epochs, steps_per_epoch=steps, verbose=verbose, shuffle=False,
+                  callbacks=[timer, pruner])
+        t = time.perf_counter()
+        pruned = kt.prune(gated)
+        t1 = time.perf_counter()
+        surgery_s = t1 - t
     phase_s = time.time() - t_phase
-    t = time.perf_counter()
-    pruned = kt.prune(gated)
-    surgery_s = time.perf_counter() - t
+    gc.callbacks.remove(on_gc)
+    del gated.fit
     acc_after = top1(pruned, test_ds)
     before, after = kt.profile(model), kt.profile(pruned)
     print(f"[keras] top-1 after {acc_after:.4f}; FLOPs {after.flops / before.flops:.3f}", flush=True)
-    med = lambda v: 1000 * float(np.median(v)) if v else None
+    med = lambda v: 1000 * float(np.median(v)) if v else None  # noqa: E731
+    phases = timer.phases(t0, t1)
+    if timer.train_end is not None and "fit_returned" in marks:
+        phases["train_end_to_fit_returned"] = marks["fit_returned"] - timer.train_end
+    phases["gc_seconds"] = float(sum(p for _, p in gc_pauses))
+    phases["gc_max_pause"] = max((p for _, p in gc_pauses), default=0.0)
+    phases["gc_collections"] = [sum(1 for g, _ in gc_pauses if g == k) for k in range(3)]
     return {
+        "path": FLAGS.keras_path,
+        "switch": FLAGS.switch if FLAGS.keras_path == "fit_prune" else None,
+        "switched_at": switched_at,
         "top1_before": acc_before,
         "top1_after": acc_after,
         "flops_before": before.flops, "flops_after": after.flops, "flops_fraction": after.flops / before.flops,
@@ -206,6 +275,9 @@ def run_keras(model, data, perms, epochs, prune_epochs, steps, verbose, trained=
         "step_ms_median_while_scoring": med(timer.scoring),
         "step_ms_median_after_pruning": med(timer.after),
         "scoring_overhead_ratio": (med(timer.scoring) / med(timer.after)) if timer.scoring and timer.after else None,
+        "phases": phases,
+        "epochs": timer.rows,
+        "step_log": timer.log(),
         "wall_seconds": dense_wall + time.time() - started,
     }
 
@@ -287,6 +359,8 @@ def main(argv):
     if all("keras" in r and "torch" in r for r in runs):
         margins = [r["keras"]["top1_after"] - r["torch"]["top1_after"] for r in runs]
         summary["top1_after_margin_keras_minus_torch"] = {"per_seed": margins, "mean": float(np.mean(margins))}
+        ratios = [r["keras"]["prune_and_finetune_seconds"] / r["torch"]["prune_and_finetune_seconds"] for r in runs]
+        summary["prune_and_finetune_seconds_keras_over_torch"] = {"per_seed": ratios, "mean": float(np.mean(ratios))}
     import tensorflow as tf
 
     result = {
@@ -298,10 +372,13 @@ def main(argv):
         "config": {"quick": quick, "blocks": blocks, "epochs": epochs, "prune_epochs": prune_epochs,
                    "prune_every": FLAGS.prune_every, "channels_per_step": FLAGS.channels_per_step, "target": FLAGS.target,
                    "torch_pruning_ratio": FLAGS.torch_pruning_ratio, "batch_size": FLAGS.batch_size,
-                   "train_subset": subset, "torch_threads": FLAGS.torch_threads, "shared_dense": FLAGS.shared_dense},
+                   "train_subset": subset, "torch_threads": FLAGS.torch_threads, "shared_dense": FLAGS.shared_dense,
+                   "keras_path": FLAGS.keras_path, "switch": FLAGS.switch},
         "runs": runs,
         "summary": summary,
         "wall_seconds": time.time() - started,
+        "load_average_at_end": _harness.load(),
+        "date_end_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     path = FLAGS.output or os.path.join(REPO, "benchmarks", "results", "torch_pruning_compare.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -311,9 +388,10 @@ def main(argv):
         with open(path) as f:
             old = json.load(f)
         experiments = {"independent_training": old} if "runs" in old else old
-    experiments["shared_dense_start" if FLAGS.shared_dense else "independent_training"] = result
-    with open(path, "w") as f:
-        json.dump(experiments, f, indent=1)
+    # The earlier gated-path runs keep their keys; kt.fit_prune runs get their own.
+    key = "shared_dense_start" if FLAGS.shared_dense else "independent_training"
+    experiments[key + ("" if FLAGS.keras_path == "gated" else "_fit_prune")] = result
+    _harness.write_json(experiments, path)
     print(json.dumps(summary, indent=1))
     print(f"Done in {result['wall_seconds'] / 60:.1f} min; results in {path}")
 

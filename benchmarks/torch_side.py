@@ -318,6 +318,7 @@ def main():
     acc = None  # gradient sums since the last pruning step
     done, step, history = False, 0, []
     accum_s, prune_s, step_times_scoring, step_times_after = 0.0, 0.0, [], []
+    step_log = []  # (ms, pruning done when the minibatch began) per minibatch, in order
     done_at_s = None
     for e in range(args.prune_epochs):
         te, losses = time.time(), []
@@ -344,6 +345,7 @@ def main():
                 raise FloatingPointError(f"non-finite loss at pruning-phase minibatch {step + 1}")
             step += 1
             (step_times_scoring if not done else step_times_after).append(time.perf_counter() - ts)
+            step_log.append((round(1000 * (time.perf_counter() - ts), 3), done))
             if not done and step % args.prune_every == 0:
                 tpr = time.perf_counter()
                 for p in params:  # Taylor importance reads .grad: the sum over the last K minibatches
@@ -412,6 +414,7 @@ def main():
         "scoring_accumulate_ms_per_step": 1000 * accum_s / max(1, len(step_times_scoring)),
         "step_ms_median_while_scoring": 1000 * med(step_times_scoring) if step_times_scoring else None,
         "step_ms_median_after_pruning": 1000 * med(step_times_after) if step_times_after else None,
+        "step_log": {"step_ms": [m for m, _ in step_log], "pruned": [d for _, d in step_log]},
         "wall_seconds": time.time() - started,
     }
     with open(args.output, "w") as f:

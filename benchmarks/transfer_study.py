@@ -185,51 +185,7 @@ def top1(model, test) -> float:
 
 
 # ---- one cell -----------------------------------------------------------------------------------
-class StepTimer(keras.callbacks.Callback):
-    """Wall time per epoch and per minibatch, with the model that trained it
-    (`fit_prune` hands its callbacks the pruned model at the switch): the
-    step-time log behind the per-phase times of `phases`."""
-
-    def __init__(self):
-        super().__init__()
-        self.rows, self.steps = [], []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._t0 = time.perf_counter()
-        self._params_begin = int(self.model.count_params())
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self._tb = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None):
-        now = time.perf_counter()
-        self.steps.append((self._tb, now - self._tb, int(self.model.count_params())))
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.rows.append({"epoch": epoch, "seconds": time.perf_counter() - self._t0,
-                          "params_begin": self._params_begin, "params": int(self.model.count_params())})
-
-    def phases(self, t_start, t_end) -> dict:
-        """Seconds per phase: the first minibatch of each model (tracing its
-        step + one step), the other minibatches of each model (with their
-        median), the switch (between the last gated and the first pruned
-        minibatch: surgery, compile, optimizer slicing), the rest (fit set-up,
-        epoch ends, data iterators)."""
-        full = self.steps[0][2] if self.steps else 0
-        gated = [s for s in self.steps if s[2] == full]
-        pruned = [s for s in self.steps if s[2] != full]
-        out = {"gated_first_step": gated[0][1] if gated else 0.0,
-               "gated_other_steps": float(sum(s[1] for s in gated[1:])),
-               "gated_step_ms_median": 1000 * float(np.median([s[1] for s in gated[1:]])) if len(gated) > 1 else None,
-               "gated_steps": len(gated),
-               "pruned_first_step": pruned[0][1] if pruned else 0.0,
-               "pruned_other_steps": float(sum(s[1] for s in pruned[1:])),
-               "pruned_step_ms_median": 1000 * float(np.median([s[1] for s in pruned[1:]])) if len(pruned) > 1 else None,
-               "pruned_steps": len(pruned)}
-        out["switch"] = (pruned[0][0] - (gated[-1][0] + gated[-1][1])) if gated and pruned else 0.0
-        inside = sum(s[1] for s in self.steps) + out["switch"]
-        out["other"] = (t_end - t_start) - inside
-        return out
+StepTimer = _harness.StepTimer  # the step-time log behind `phases` (shared with torch_pruning_compare.py)
 
 
 def groups_per_step(num_groups: int, num_train: int) -> int:
@@ -523,18 +479,11 @@ def plot(summary: dict, path: str) -> None:
 
 
 def load_results(path) -> dict:
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
-    return {"cells": {}, "dense": {}}
+    return _harness.read_json(path, lambda: {"cells": {}, "dense": {}})
 
 
 def save_results(path, results) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(tmp, path)
+    _harness.write_json(results, path)
 
 
 def main(argv):

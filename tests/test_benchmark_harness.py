@@ -1,0 +1,88 @@
+"""benchmarks/_harness.py: the step-time log shared by transfer_study.py and
+torch_pruning_compare.py, and the JSON helpers every benchmark writes with."""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+from conftest import images, make
+
+import keras_taylor as kt
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import _harness  # noqa: E402
+
+
+def test_step_timer_logs_both_models_of_fit_prune():
+    gated = kt.add_gates(make("residual", 0))
+    gated.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    x, y = images(48, 0), np.random.default_rng(1).integers(0, 5, 48)
+    pruning = kt.TaylorPruning(target=0.7, prune_every=2, channels_per_step=50)
+    timer = _harness.StepTimer(pruning)
+    t0 = _harness.time.perf_counter()
+    small, history = kt.fit_prune(gated, x, y, batch_size=8, epochs=2, pruning=pruning, callbacks=[timer], verbose=0)
+    t1 = _harness.time.perf_counter()
+    epoch, batches = history.switched_at
+    switched = epoch * 6 + batches  # minibatches trained by the gated model
+    assert 0 < switched < 12
+    assert [s[2] for s in timer.steps] == [0] * switched + [1] * (12 - switched)
+    assert timer.models[0] is gated and timer.models[1] is small
+    assert len(timer.scoring) == switched and len(timer.after) == 12 - switched  # `done` flips at the switch
+    ph = timer.phases(t0, t1)
+    assert (ph["gated_steps"], ph["pruned_steps"]) == (switched, 12 - switched)
+    assert ph["switch"] > 0 and ph["other"] > 0
+    total = ph["gated_first_step"] + ph["gated_other_steps"] + ph["pruned_first_step"] + ph["pruned_other_steps"]
+    assert total + ph["switch"] + ph["other"] == pytest.approx(t1 - t0)
+    parts = ph["before_train_begin"], ph["last_epoch_end_to_train_end"], ph["after_train_end"]
+    assert all(p >= 0 for p in parts) and sum(parts) < ph["other"]
+    log = timer.log()
+    assert len(log["step_ms"]) == 12 and log["model"] == [s[2] for s in timer.steps]
+    assert [r["epoch"] for r in timer.rows] == [0, 1]
+    assert timer.rows[-1]["params"] == small.count_params() < timer.rows[0]["params_begin"]
+
+
+def test_json_helpers(tmp_path):
+    path = str(tmp_path / "sub" / "r.json")
+    a = _harness.read_json(path, lambda: {"cells": {}})
+    b = _harness.read_json(path, lambda: {"cells": {}})
+    assert a == {"cells": {}} and a is not b  # a fresh default per call
+    assert _harness.read_json(path) is None
+    _harness.write_json({"x": [1, 2]}, path)
+    assert _harness.read_json(path, {}) == {"x": [1, 2]}
+    assert os.listdir(tmp_path / "sub") == ["r.json"]  # the temporary file was renamed
+    with open(path) as f:
+        assert json.load(f) == {"x": [1, 2]}
+
+
+TORCH_PY = os.path.join(ROOT, ".venv-torch", "bin", "python")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(TORCH_PY), reason="needs .venv-torch (benchmarks/torch_pruning_compare.py creates it)")
+def test_torch_pruning_compare_quick_fit_prune(tmp_path):
+    """--quick --shared_dense with kt.fit_prune: both sides' step-time logs and
+    the phase times that make the prune-and-fine-tune seconds comparable."""
+    out = tmp_path / "r.json"
+    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "torch_pruning_compare.py"), "--quick", "--shared_dense",
+           f"--output={out}", f"--work_dir={tmp_path / 'w'}"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())["shared_dense_start_fit_prune"]
+    (run,) = result["runs"]
+    k, t = run["keras"], run["torch"]
+    assert k["path"] == "fit_prune" and k["pruning_done"] and k["surgery_seconds"] is None
+    steps = 2 * run["steps_per_epoch"]
+    assert len(k["step_log"]["step_ms"]) == steps == len(t["step_log"]["step_ms"])
+    ph = k["phases"]
+    assert ph["gated_steps"] + ph["pruned_steps"] == steps and ph["pruned_steps"] > 0
+    assert k["params_after"] < k["params_before"] and k["epochs"][-1]["params"] == k["params_after"]
+    assert 0 < k["prune_and_finetune_seconds"] and 0 < t["prune_and_finetune_seconds"]
+    ratio = result["summary"]["prune_and_finetune_seconds_keras_over_torch"]["per_seed"]
+    assert ratio == [k["prune_and_finetune_seconds"] / t["prune_and_finetune_seconds"]]
