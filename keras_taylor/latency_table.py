@@ -58,6 +58,7 @@ import math
 import os
 import platform
 import time
+import warnings
 
 import keras
 import numpy as np
@@ -876,4 +877,13 @@ def plan_for_latency(
             budget = predicted * target / measured
         if not lo < budget < hi:
             budget = 0.5 * (lo + hi)
+    if abs(best[1] - target) > tolerance:
+        cheapest = min(h["measured_fraction"] for h in history)
+        reason = (f" The cheapest plan measured ({cheapest:.3f}) stays above the target: the runtime's "
+                  "per-call cost does not shrink with the channels." if cheapest > target + tolerance else "")
+        warnings.warn(
+            f"plan_for_latency missed its target: the closest of {len(history)} measured plans runs at "
+            f"{best[1]:.3f} of the dense model's latency against target={target} (tolerance={tolerance}).{reason}",
+            stacklevel=2,
+        )
     return best[0], history

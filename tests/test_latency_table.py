@@ -1,6 +1,7 @@
 """keras_taylor.LatencyTable: measured per-layer latency, its cache, and pruning to it."""
 
 import json
+import warnings
 
 import keras
 import numpy as np
@@ -334,6 +335,24 @@ def test_closed_loop_steps_along_the_measurements():
     assert history[0]["measured_fraction"] > 0.8 and len(history) <= 3, steps  # far off first, then 2 steps
     measured = 0.5 + 0.5 * table.predict(kt.apply_plan(model, plan)) / dense_pred
     assert abs(measured - 0.7) <= 0.02 and measured == pytest.approx(history[-1]["measured_fraction"])
+
+
+def test_closed_loop_says_when_the_target_is_out_of_reach():
+    # A runtime whose per-call cost dominates: even the narrowest plan measures >= 0.6.
+    model = make("plain")
+    table = synthetic_table(model)
+    dense_pred = table.predict(model)
+
+    def fake(models):
+        return {k: 10.0 * (0.6 + 0.4 * table.predict(m) / dense_pred) for k, m in models.items()}
+
+    scores = np.random.default_rng(0).uniform(size=kt.analyze(model).num_groups)
+    with pytest.warns(UserWarning, match=r"missed its target.*target=0.3.*cheapest plan measured"):
+        plan, history = kt.plan_for_latency(model, scores, table, 0.3, measure=fake, tolerance=0.02, iterations=4)
+    assert min(h["measured_fraction"] for h in history) > 0.32
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a reachable target: no warning
+        kt.plan_for_latency(model, scores, table, 0.8, measure=fake, tolerance=0.02, iterations=6)
 
 
 def test_paired_times_follow_same_round_ratios():
