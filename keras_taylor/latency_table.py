@@ -804,7 +804,8 @@ def plan_for_latency(
         `target` (among those within `tolerance` the one with the most
         importance kept, i.e. the first found), and one record per iteration
         with `budget_fraction`, `predicted_fraction`, `measured_fraction`,
-        `dense_ms`, `pruned_ms`.
+        `dense_ms`, `pruned_ms`. Warns (`UserWarning`) when that plan misses
+        `target` by more than `tolerance`.
 
     Raises:
         ValueError: for a `target` outside (0, 1], bad `iterations` or
