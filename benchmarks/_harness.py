@@ -171,13 +171,13 @@ def _step_timer_class():
         `fit_prune` appends last), so a minibatch's time excludes the pruning
         step and the switch that follow it. `phases()` sums the log per phase."""
 
-        def __init__(self, pruner=None, pause_log=None):
+        def __init__(self, pruner=None, pause_log=None, pause_every=1.0):
             super().__init__()
             self.pruner = pruner
             # With `pause_log` (a path): from on_train_end on, faulthandler dumps every thread's
-            # Python stack there each second until `stop_pause_trace()` (call it when `fit` returns),
+            # Python stack there every `pause_every` seconds until `stop_pause_trace()` (call it when `fit` returns),
             # so a pause between on_train_end and `fit` returning leaves where it is.
-            self.pause_log, self._pause_file = pause_log, None
+            self.pause_log, self.pause_every, self._pause_file = pause_log, pause_every, None
             self.times, self.scoring, self.after = [], [], []
             self.steps, self.rows, self.models = [], [], []
             self.train_begin = self.train_end = None  # `time.perf_counter()` at on_train_begin / on_train_end
@@ -201,7 +201,7 @@ def _step_timer_class():
                 self._pause_file = open(self.pause_log, "a")
                 self._pause_file.write(f"== on_train_end at perf_counter {self.train_end:.3f}\n")
                 self._pause_file.flush()
-                faulthandler.dump_traceback_later(1.0, repeat=True, file=self._pause_file)
+                faulthandler.dump_traceback_later(self.pause_every, repeat=True, file=self._pause_file)
 
         def stop_pause_trace(self):
             """Cancels the pause trace armed at on_train_end (a no-op when none is)."""

@@ -54,7 +54,7 @@ experiment: `independent_training`, `shared_dense_start` (gated path, the
 a non-default `--criterion` / `--normalization` (passed to `kt.TaylorPruning`)
 appends `_<criterion>` / `_<normalization>` to the key
 (`shared_dense_start_fit_prune_mean_group`). `--trace_pauses`: faulthandler
-dumps the Python stacks every second from the StepTimer's `on_train_end` until
+dumps the Python stacks every second (`--trace_pauses_every`) from the StepTimer's `on_train_end` until
 `fit` returns (`<work_dir>/pauses_seed<k>.log`, also `pause_traces` in the JSON).
 """
 
@@ -117,6 +117,7 @@ flags.DEFINE_bool(
     "trace_pauses", False,
     "From the StepTimer's on_train_end until `fit` returns, dump the main thread's Python stack every "
     "second (faulthandler) into <work_dir>/pauses_seed<k>.log, so an end-of-fit pause shows where it is.")
+flags.DEFINE_float("trace_pauses_every", 1.0, "Seconds between the stack dumps of --trace_pauses.")
 flags.DEFINE_enum("sides", "both", ["both", "keras", "torch"], "Which sides to run.")
 flags.DEFINE_string("work_dir", "runs/torch_pruning_compare", "Where the .npz exports and the torch JSONs go.")
 flags.DEFINE_string("output", None, "Result JSON (default benchmarks/results/torch_pruning_compare.json).")
@@ -217,7 +218,7 @@ def run_keras(model, data, perms, epochs, prune_epochs, steps, verbose, trained=
                                 channels_per_step=FLAGS.channels_per_step, criterion=FLAGS.criterion,
                                 normalization=FLAGS.normalization)
     pruner.phase_start = t_phase
-    timer = _harness.StepTimer(pruner, pause_log=pause_log)
+    timer = _harness.StepTimer(pruner, pause_log=pause_log, pause_every=FLAGS.trace_pauses_every)
     phase_ds = keras_phase_ds(x_train, y_train, perms[epochs:epochs + prune_epochs], FLAGS.batch_size)
     switched_at = None
     # Where time outside the steps goes: Python's garbage-collector pauses, and the moment
@@ -396,7 +397,7 @@ def main(argv):
                    "train_subset": subset, "torch_threads": FLAGS.torch_threads, "shared_dense": FLAGS.shared_dense,
                    "keras_path": FLAGS.keras_path, "switch": FLAGS.switch,
                    "criterion": FLAGS.criterion, "normalization": FLAGS.normalization,
-                   "trace_pauses": FLAGS.trace_pauses},
+                   "trace_pauses": FLAGS.trace_pauses, "trace_pauses_every": FLAGS.trace_pauses_every},
         "runs": runs,
         "summary": summary,
         "wall_seconds": time.time() - started,
