@@ -67,7 +67,7 @@ def test_step_timer_pause_trace_logs_stack_of_a_pause_after_train_end(tmp_path):
     timer.stop_pause_trace()  # a second call is a no-op
     text = open(log).read()
     assert text.startswith("== on_train_end") and text.rstrip().splitlines()[-1].startswith("== fit returned")
-    assert "Current thread" in text and "in on_train_end" in text and "test_benchmark_harness.py" in text
+    assert "Timeout (0:00:01)!" in text and "in on_train_end" in text and "test_benchmark_harness.py" in text
     _harness.time.sleep(1.2)  # cancelled: nothing more is written
     assert open(log).read() == text
 
