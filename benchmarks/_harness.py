@@ -171,9 +171,13 @@ def _step_timer_class():
         `fit_prune` appends last), so a minibatch's time excludes the pruning
         step and the switch that follow it. `phases()` sums the log per phase."""
 
-        def __init__(self, pruner=None):
+        def __init__(self, pruner=None, pause_log=None, pause_every=1.0):
             super().__init__()
             self.pruner = pruner
+            # With `pause_log` (a path): from on_train_end on, faulthandler dumps every thread's
+            # Python stack there every `pause_every` seconds until `stop_pause_trace()` (call it when `fit` returns),
+            # so a pause between on_train_end and `fit` returning leaves where it is.
+            self.pause_log, self.pause_every, self._pause_file = pause_log, pause_every, None
             self.times, self.scoring, self.after = [], [], []
             self.steps, self.rows, self.models = [], [], []
             self.train_begin = self.train_end = None  # `time.perf_counter()` at on_train_begin / on_train_end
@@ -190,6 +194,24 @@ def _step_timer_class():
 
         def on_train_end(self, logs=None):
             self.train_end = time.perf_counter()
+            if self.pause_log is not None:
+                import faulthandler
+
+                self.stop_pause_trace()
+                self._pause_file = open(self.pause_log, "a")
+                self._pause_file.write(f"== on_train_end at perf_counter {self.train_end:.3f}\n")
+                self._pause_file.flush()
+                faulthandler.dump_traceback_later(self.pause_every, repeat=True, file=self._pause_file)
+
+        def stop_pause_trace(self):
+            """Cancels the pause trace armed at on_train_end (a no-op when none is)."""
+            if self._pause_file is not None:
+                import faulthandler
+
+                faulthandler.cancel_dump_traceback_later()
+                self._pause_file.write(f"== fit returned at perf_counter {time.perf_counter():.3f}\n")
+                self._pause_file.close()
+                self._pause_file = None
 
         def on_epoch_begin(self, epoch, logs=None):
             self._t0 = time.perf_counter()

@@ -50,7 +50,12 @@ the train step included, evaluation excluded. Both record a per-minibatch
 step-time log (`step_log`; ours also `phases`: `_harness.StepTimer`).
 Results: `benchmarks/results/torch_pruning_compare.json`, one entry per
 experiment: `independent_training`, `shared_dense_start` (gated path, the
-2026-11-21 runs), `independent_training_fit_prune`, `shared_dense_start_fit_prune`.
+2026-11-21 runs), `independent_training_fit_prune`, `shared_dense_start_fit_prune`;
+a non-default `--criterion` / `--normalization` (passed to `kt.TaylorPruning`)
+appends `_<criterion>` / `_<normalization>` to the key
+(`shared_dense_start_fit_prune_mean_group`). `--trace_pauses`: faulthandler
+dumps the Python stacks every second (`--trace_pauses_every`) from the StepTimer's `on_train_end` until
+`fit` returns (`<work_dir>/pauses_seed<k>.log`, also `pause_traces` in the JSON).
 """
 
 from __future__ import annotations
@@ -105,6 +110,14 @@ flags.DEFINE_enum(
     "then `kt.prune`).",
 )
 flags.DEFINE_enum("switch", "step", ["step", "epoch"], "kt.fit_prune(switch=) with --keras_path=fit_prune.")
+flags.DEFINE_string("criterion", "taylor_fo_bn", "kt.TaylorPruning(criterion=) on the Keras side.")
+flags.DEFINE_enum("normalization", "none", ["none", "l2_layer", "mean_group"],
+                  "kt.TaylorPruning(normalization=) on the Keras side (mean_group: Torch-Pruning's per-group mean).")
+flags.DEFINE_bool(
+    "trace_pauses", False,
+    "From the StepTimer's on_train_end until `fit` returns, dump the main thread's Python stack every "
+    "second (faulthandler) into <work_dir>/pauses_seed<k>.log, so an end-of-fit pause shows where it is.")
+flags.DEFINE_float("trace_pauses_every", 1.0, "Seconds between the stack dumps of --trace_pauses.")
 flags.DEFINE_enum("sides", "both", ["both", "keras", "torch"], "Which sides to run.")
 flags.DEFINE_string("work_dir", "runs/torch_pruning_compare", "Where the .npz exports and the torch JSONs go.")
 flags.DEFINE_string("output", None, "Result JSON (default benchmarks/results/torch_pruning_compare.json).")
@@ -184,7 +197,7 @@ def train_keras(model, data, perms, epochs, steps, verbose):
     return time.time() - started, train_s, acc_before  # (training + evaluation wall, fit wall, top-1)
 
 
-def run_keras(model, data, perms, epochs, prune_epochs, steps, verbose, trained=None):
+def run_keras(model, data, perms, epochs, prune_epochs, steps, verbose, trained=None, pause_log=None):
     """Prunes and fine-tunes `model` (trained here unless `trained`).
 
     The prune-and-fine-tune phase is timed as on the PyTorch side: from the
@@ -202,9 +215,10 @@ def run_keras(model, data, perms, epochs, prune_epochs, steps, verbose, trained=
     gated = kt.add_gates(model)
     compile_model(gated, keras.optimizers.schedules.CosineDecay(0.02, decay_steps=prune_epochs * steps, alpha=0.05))
     pruner = TimedTaylorPruning(target=FLAGS.target, metric="flops", prune_every=FLAGS.prune_every,
-                                channels_per_step=FLAGS.channels_per_step)
+                                channels_per_step=FLAGS.channels_per_step, criterion=FLAGS.criterion,
+                                normalization=FLAGS.normalization)
     pruner.phase_start = t_phase
-    timer = _harness.StepTimer(pruner)
+    timer = _harness.StepTimer(pruner, pause_log=pause_log, pause_every=FLAGS.trace_pauses_every)
     phase_ds = keras_phase_ds(x_train, y_train, perms[epochs:epochs + prune_epochs], FLAGS.batch_size)
     switched_at = None
     # Where time outside the steps goes: Python's garbage-collector pauses, and the moment
@@ -224,6 +238,7 @@ def run_keras(model, data, perms, epochs, prune_epochs, steps, verbose, trained=
             return fit(*args, **kwargs)
         finally:
             marks["fit_returned"] = time.perf_counter()
+            timer.stop_pause_trace()
 
     gated.fit = timed_fit  # instance attribute: fit_prune's `model.fit(...)` calls it
     gc.callbacks.append(on_gc)
@@ -346,7 +361,14 @@ def main(argv):
                 run["torch"] = json.load(f)
         if FLAGS.sides in ("both", "keras"):
             print("== Keras side (keras_taylor)", flush=True)
-            run["keras"] = run_keras(model, data, perms, epochs, prune_epochs, steps, verbose, trained)
+            pause_log = os.path.join(work_dir, f"pauses_seed{seed}.log") if FLAGS.trace_pauses else None
+            if pause_log and os.path.exists(pause_log):
+                os.remove(pause_log)
+            run["keras"] = run_keras(model, data, perms, epochs, prune_epochs, steps, verbose, trained, pause_log)
+            if pause_log:
+                run["keras"]["pause_log"] = os.path.relpath(pause_log, REPO)
+                with open(pause_log) as f:
+                    run["keras"]["pause_traces"] = f.read()
         runs.append(run)
 
     summary = {}
@@ -373,7 +395,9 @@ def main(argv):
                    "prune_every": FLAGS.prune_every, "channels_per_step": FLAGS.channels_per_step, "target": FLAGS.target,
                    "torch_pruning_ratio": FLAGS.torch_pruning_ratio, "batch_size": FLAGS.batch_size,
                    "train_subset": subset, "torch_threads": FLAGS.torch_threads, "shared_dense": FLAGS.shared_dense,
-                   "keras_path": FLAGS.keras_path, "switch": FLAGS.switch},
+                   "keras_path": FLAGS.keras_path, "switch": FLAGS.switch,
+                   "criterion": FLAGS.criterion, "normalization": FLAGS.normalization,
+                   "trace_pauses": FLAGS.trace_pauses, "trace_pauses_every": FLAGS.trace_pauses_every},
         "runs": runs,
         "summary": summary,
         "wall_seconds": time.time() - started,
@@ -390,7 +414,13 @@ def main(argv):
         experiments = {"independent_training": old} if "runs" in old else old
     # The earlier gated-path runs keep their keys; kt.fit_prune runs get their own.
     key = "shared_dense_start" if FLAGS.shared_dense else "independent_training"
-    experiments[key + ("" if FLAGS.keras_path == "gated" else "_fit_prune")] = result
+    key += "" if FLAGS.keras_path == "gated" else "_fit_prune"
+    # A non-default criterion / normalization gets its own entry (the defaults keep the old keys).
+    if FLAGS.criterion != "taylor_fo_bn":
+        key += "_" + FLAGS.criterion
+    if FLAGS.normalization != "none":
+        key += "_" + FLAGS.normalization
+    experiments[key] = result
     _harness.write_json(experiments, path)
     print(json.dumps(summary, indent=1))
     print(f"Done in {result['wall_seconds'] / 60:.1f} min; results in {path}")

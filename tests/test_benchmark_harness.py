@@ -47,6 +47,31 @@ def test_step_timer_logs_both_models_of_fit_prune():
     assert timer.rows[-1]["params"] == small.count_params() < timer.rows[0]["params_begin"]
 
 
+def test_step_timer_pause_trace_logs_stack_of_a_pause_after_train_end(tmp_path):
+    """--trace_pauses: a pause between on_train_end and `fit` returning leaves
+    the main thread's Python stack (file:line) in the log; none once cancelled."""
+    model = make("residual", 0)
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    log = str(tmp_path / "pauses.log")
+    timer = _harness.StepTimer(pause_log=log)
+
+    class SlowEnd(keras.callbacks.Callback):  # after the timer's on_train_end: a 1.6 s pause inside `fit`
+        def on_train_end(self, logs=None):
+            _harness.time.sleep(1.6)
+
+    x, y = images(8, 0), np.zeros(8, "int32")
+    try:
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[timer, SlowEnd()])
+    finally:
+        timer.stop_pause_trace()
+    timer.stop_pause_trace()  # a second call is a no-op
+    text = open(log).read()
+    assert text.startswith("== on_train_end") and text.rstrip().splitlines()[-1].startswith("== fit returned")
+    assert "Timeout (0:00:01)!" in text and "in on_train_end" in text and "test_benchmark_harness.py" in text
+    _harness.time.sleep(1.2)  # cancelled: nothing more is written
+    assert open(log).read() == text
+
+
 def test_json_helpers(tmp_path):
     path = str(tmp_path / "sub" / "r.json")
     a = _harness.read_json(path, lambda: {"cells": {}})
