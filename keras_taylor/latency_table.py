@@ -111,6 +111,25 @@ def _config(layer) -> dict:
     return cfg
 
 
+def _structure_json(model: keras.Model) -> str:
+    """The model's config as JSON with its own name dropped and every layer
+    name replaced by the layer's position (`"#3"`), so that the same
+    architecture built twice (`input_layer` vs `input_layer_1`, `functional`
+    vs `functional_2`: names Keras numbers per process) has one cache key."""
+    names = {layer.name: f"#{i}" for i, layer in enumerate(model.layers)}
+
+    def canon(o):
+        if isinstance(o, dict):
+            return {k: canon(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [canon(v) for v in o]
+        return names.get(o, o) if isinstance(o, str) else o
+
+    cfg = dict(model.get_config())
+    cfg.pop("name", None)
+    return json.dumps(canon(cfg), sort_keys=True, default=str)
+
+
 def _segments(graph: graph_lib.ChannelGraph) -> list:
     """`[(node, [rider nodes])]` for the first call of every creating layer."""
     consumers: dict = {}
@@ -417,7 +436,7 @@ class LatencyTable:
             layers[seg.name] = entry
             if bar is not None:
                 bar.add(1)
-        full_key = _hash(json.dumps(plain.get_config(), sort_keys=True, default=str) + "|model")
+        full_key = _hash(_structure_json(plain) + "|model")
         full_ms = cache.get(full_key)
         if full_ms is None:
             full_ms = _time({"m": _runner(plain, runtime, batch_size, rng, threads)}, rounds, rng)["m"] - overhead

@@ -79,6 +79,22 @@ def test_measure_tf_caches_and_invalidates(tmp_path, monkeypatch):
     assert sorted(calls[5:]) == ["c0", "c1", "head"]
 
 
+def test_same_architecture_built_again_hits_the_whole_model_cache(tmp_path, monkeypatch):
+    # Keras numbers auto-generated names per process (input_layer, input_layer_1, functional_3):
+    # the whole-model entry must not depend on them.
+    first, second = tiny(), tiny()
+    assert first.layers[0].name != second.layers[0].name and first.name != second.name
+    assert lt._structure_json(first) == lt._structure_json(second)
+    assert lt._structure_json(first) != lt._structure_json(tiny(filters=24))
+    kt.LatencyTable.measure(first, runtime="tf", rounds=2, calibrate=0, cache_dir=str(tmp_path), verbose=0)
+    timed = []
+    real = lt._time
+    monkeypatch.setattr(lt, "_time", lambda runners, *a, **k: timed.append(sorted(runners)) or real(runners, *a, **k))
+    again = kt.LatencyTable.measure(second, runtime="tf", rounds=2, calibrate=0, cache_dir=str(tmp_path), verbose=0)
+    assert timed == []  # neither a segment nor the whole model timed again
+    assert again.predict(second) == pytest.approx(again.full_ms)
+
+
 @pytest.mark.parametrize("runtime", ["tflite", "onnxruntime"])
 def test_measure_other_runtimes_predict_pruned_models(tmp_path, runtime):
     if runtime == "onnxruntime":
