@@ -178,9 +178,14 @@ def _step_timer_class():
             # Python stack there every `pause_every` seconds until `stop_pause_trace()` (call it when `fit` returns),
             # so a pause between on_train_end and `fit` returning leaves where it is.
             self.pause_log, self.pause_every, self._pause_file = pause_log, pause_every, None
-            self.times, self.scoring, self.after = [], [], []
+            self.scoring, self.after = [], []
             self.steps, self.rows, self.models = [], [], []
             self.train_begin = self.train_end = None  # `time.perf_counter()` at on_train_begin / on_train_end
+
+        @property
+        def times(self) -> list:
+            """Seconds of every training minibatch, in order (from `steps`)."""
+            return [s[1] for s in self.steps]
 
         def _model_index(self) -> int:
             for i, m in enumerate(self.models):
@@ -222,9 +227,7 @@ def _step_timer_class():
             self._t = time.perf_counter()
 
         def on_train_batch_end(self, batch, logs=None):
-            now = time.perf_counter()
-            seconds = now - self._t
-            self.times.append(seconds)
+            seconds = time.perf_counter() - self._t
             self.steps.append((self._t, seconds, self._model_index()))
             if self.pruner is not None:
                 (self.after if self._done else self.scoring).append(seconds)

@@ -405,13 +405,9 @@ def main(argv):
         "date_end_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     path = FLAGS.output or os.path.join(REPO, "benchmarks", "results", "torch_pruning_compare.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     # One file, one entry per experiment; a run replaces only its own entry.
-    experiments = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        experiments = {"independent_training": old} if "runs" in old else old
+    old = _harness.read_json(path, {})
+    experiments = {"independent_training": old} if "runs" in old else old
     # The earlier gated-path runs keep their keys; kt.fit_prune runs get their own.
     key = "shared_dense_start" if FLAGS.shared_dense else "independent_training"
     key += "" if FLAGS.keras_path == "gated" else "_fit_prune"

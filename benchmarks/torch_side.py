@@ -344,8 +344,9 @@ def main():
             if not math.isfinite(losses[-1]):
                 raise FloatingPointError(f"non-finite loss at pruning-phase minibatch {step + 1}")
             step += 1
-            (step_times_scoring if not done else step_times_after).append(time.perf_counter() - ts)
-            step_log.append((round(1000 * (time.perf_counter() - ts), 3), done))
+            seconds = time.perf_counter() - ts
+            (step_times_scoring if not done else step_times_after).append(seconds)
+            step_log.append((round(1000 * seconds, 3), done))
             if not done and step % args.prune_every == 0:
                 tpr = time.perf_counter()
                 for p in params:  # Taylor importance reads .grad: the sum over the last K minibatches
