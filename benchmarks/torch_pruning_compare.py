@@ -8,11 +8,12 @@ GroupTaylorImportance on the same ResNet, data, schedule and FLOPs target.
     python benchmarks/torch_pruning_compare.py --shared_dense     # control: both prune the Keras-trained model
 
 The runs behind benchmarks/sections/torch_pruning.md (≈38 + 20 min on 2 busy cores,
-2026-11-21, the gated path; the wall-time run with kt.fit_prune: ≈7 min on 2 quiet cores):
+2026-11-21, the gated path; the wall-time runs with kt.fit_prune: ≈6 min each on 2 quiet cores):
 
     python benchmarks/torch_pruning_compare.py --keras_path=gated --seeds 0,1 --train_subset 20000 --epochs 3 --prune_epochs 3 --prune_every 10
     python benchmarks/torch_pruning_compare.py --keras_path=gated --shared_dense --seeds 0,1 --train_subset 20000 --epochs 3 --prune_epochs 3 --prune_every 10
-    python benchmarks/torch_pruning_compare.py --shared_dense --seeds 0,1,2 --train_subset 20000 --epochs 3 --prune_epochs 3 --prune_every 10
+    python benchmarks/torch_pruning_compare.py --shared_dense --seeds 0,1,2 --train_subset 20000 --epochs 3 --prune_epochs 3 --prune_every 10 --plot docs/img/torch_pruning_step_log.png
+    python benchmarks/torch_pruning_compare.py --shared_dense --seeds 0,1,2 --train_subset 20000 --epochs 3 --prune_epochs 3 --prune_every 10 --channel_multiple 8 [--torch_round_to 8]
 
 For each seed:
   1. build `keras_taylor.models.resnet` (widths 16/32/64) with `keras.utils.set_random_seed(seed)`;
@@ -48,12 +49,21 @@ dependency graph) to the end of the last fine-tuning minibatch, every pruning
 step, the surgery and (ours) the switch to the pruned model and both traces of
 the train step included, evaluation excluded. Both record a per-minibatch
 step-time log (`step_log`; ours also `phases`: `_harness.StepTimer`).
+The Keras side's input pipeline does the PyTorch side's per-minibatch work
+(gather, cast, /255) one minibatch ahead with tf.data's autotuning off
+(`keras_phase_ds`; `--tf_data_autotune` restores the earlier parallel-map +
+AUTOTUNE-prefetch pipeline, whose end-of-`fit` pauses and slower steps are
+measured in the section).
 Results: `benchmarks/results/torch_pruning_compare.json`, one entry per
 experiment: `independent_training`, `shared_dense_start` (gated path, the
 2026-11-21 runs), `independent_training_fit_prune`, `shared_dense_start_fit_prune`;
 a non-default `--criterion` / `--normalization` (passed to `kt.TaylorPruning`)
 appends `_<criterion>` / `_<normalization>` to the key
-(`shared_dense_start_fit_prune_mean_group`). `--trace_pauses`: faulthandler
+(`shared_dense_start_fit_prune_mean_group`), `--channel_multiple N` (ours) /
+`--torch_round_to N` (theirs) `_multipleN` / `_tproundN`, `--tf_data_autotune`
+`_tfdata_autotune` (the runs before 2026-12-01 12:00 UTC used that pipeline).
+`--plot PATH` draws both sides' per-minibatch step times (`--plot_only`: from
+the entry already in the file). `--trace_pauses`: faulthandler
 dumps the Python stacks every second (`--trace_pauses_every`) from the StepTimer's `on_train_end` until
 `fit` returns (`<work_dir>/pauses_seed<k>.log`, also `pause_traces` in the JSON).
 """
@@ -113,12 +123,23 @@ flags.DEFINE_enum("switch", "step", ["step", "epoch"], "kt.fit_prune(switch=) wi
 flags.DEFINE_string("criterion", "taylor_fo_bn", "kt.TaylorPruning(criterion=) on the Keras side.")
 flags.DEFINE_enum("normalization", "none", ["none", "l2_layer", "mean_group"],
                   "kt.TaylorPruning(normalization=) on the Keras side (mean_group: Torch-Pruning's per-group mean).")
+flags.DEFINE_integer("channel_multiple", None,
+                     "kt.TaylorPruning(channel_multiple=) on the Keras side: the last pruning step rounds every "
+                     "layer's kept channels to a multiple of it (8: the SIMD width), staying at or under the target.")
+flags.DEFINE_integer("torch_round_to", None,
+                     "Torch-Pruning's BasePruner(round_to=) on the PyTorch side (its channel rounding).")
+flags.DEFINE_bool("tf_data_autotune", False,
+                  "Keras side's input pipeline with tf.data autotuning (parallel map + AUTOTUNE prefetch). "
+                  "Default: off, map + prefetch(1) (see keras_phase_ds).")
 flags.DEFINE_bool(
     "trace_pauses", False,
     "From the StepTimer's on_train_end until `fit` returns, dump the main thread's Python stack every "
     "second (faulthandler) into <work_dir>/pauses_seed<k>.log, so an end-of-fit pause shows where it is.")
 flags.DEFINE_float("trace_pauses_every", 1.0, "Seconds between the stack dumps of --trace_pauses.")
 flags.DEFINE_enum("sides", "both", ["both", "keras", "torch"], "Which sides to run.")
+flags.DEFINE_string("plot", None, "After the run, draw both sides' per-minibatch step times (one panel per seed) here (PNG).")
+flags.DEFINE_bool("plot_only", False, "Only draw the step-time plot of this configuration's entry in --output "
+                  "(to --plot, default docs/img/torch_pruning_step_log.png); no run.")
 flags.DEFINE_string("work_dir", "runs/torch_pruning_compare", "Where the .npz exports and the torch JSONs go.")
 flags.DEFINE_string("output", None, "Result JSON (default benchmarks/results/torch_pruning_compare.json).")
 
@@ -133,9 +154,19 @@ def load_split(seed: int, subset: int | None):
     return x_train, y_train, x_test, y_test
 
 
-def keras_phase_ds(x, y, orders, batch_size):
-    """Minibatches in exactly `orders` (one index permutation per epoch), /255 float32."""
+def keras_phase_ds(x, y, orders, batch_size, autotune=None):
+    """Minibatches in exactly `orders` (one index permutation per epoch), /255 float32.
+
+    With `autotune` false (the default, `--tf_data_autotune`), the pipeline
+    does the PyTorch side's per-minibatch work (gather, cast, /255) one
+    minibatch ahead (`map` then `prefetch(1)`) with tf.data's autotuning
+    off (`tf.data.Options().autotune.enabled = False`). With autotuning on,
+    Keras's `fit` paused for seconds before returning in 6 of 17 seed runs
+    of this benchmark (1.6-40.8 s, 2026-12-01), with it off in none of 18
+    (benchmarks/sections/torch_pruning.md, "Wall time")."""
     import tensorflow as tf
+
+    autotune = FLAGS.tf_data_autotune if autotune is None else autotune
 
     x_t, y_t = tf.constant(x), tf.constant(y)
     ds = None
@@ -146,7 +177,11 @@ def keras_phase_ds(x, y, orders, batch_size):
     def gather(idx):
         return tf.cast(tf.gather(x_t, idx), tf.float32)[..., tf.newaxis] / 255.0, tf.cast(tf.gather(y_t, idx), tf.int32)
 
-    return ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    if autotune:
+        return ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return ds.map(gather).prefetch(1).with_options(options)
 
 
 def keras_test_ds(x, y):
@@ -216,7 +251,7 @@ def run_keras(model, data, perms, epochs, prune_epochs, steps, verbose, trained=
     compile_model(gated, keras.optimizers.schedules.CosineDecay(0.02, decay_steps=prune_epochs * steps, alpha=0.05))
     pruner = TimedTaylorPruning(target=FLAGS.target, metric="flops", prune_every=FLAGS.prune_every,
                                 channels_per_step=FLAGS.channels_per_step, criterion=FLAGS.criterion,
-                                normalization=FLAGS.normalization)
+                                normalization=FLAGS.normalization, channel_multiple=FLAGS.channel_multiple)
     pruner.phase_start = t_phase
     timer = _harness.StepTimer(pruner, pause_log=pause_log, pause_every=FLAGS.trace_pauses_every)
     phase_ds = keras_phase_ds(x_train, y_train, perms[epochs:epochs + prune_epochs], FLAGS.batch_size)
@@ -297,10 +332,85 @@ def run_keras(model, data, perms, epochs, prune_epochs, steps, verbose, trained=
     }
 
 
+# ------------------------------------------------------------------ results
+def result_path() -> str:
+    return FLAGS.output or os.path.join(REPO, "benchmarks", "results", "torch_pruning_compare.json")
+
+
+def result_key() -> str:
+    """The entry of the result file this configuration writes (and `--plot_only` reads)."""
+    # The earlier gated-path runs keep their keys; kt.fit_prune runs get their own.
+    key = "shared_dense_start" if FLAGS.shared_dense else "independent_training"
+    key += "" if FLAGS.keras_path == "gated" else "_fit_prune"
+    # A non-default setting gets its own entry (the defaults keep the old keys).
+    if FLAGS.criterion != "taylor_fo_bn":
+        key += "_" + FLAGS.criterion
+    if FLAGS.normalization != "none":
+        key += "_" + FLAGS.normalization
+    if FLAGS.channel_multiple:
+        key += f"_multiple{FLAGS.channel_multiple}"
+    if FLAGS.torch_round_to:
+        key += f"_tpround{FLAGS.torch_round_to}"
+    if FLAGS.tf_data_autotune:
+        key += "_tfdata_autotune"
+    return key
+
+
+def plot_step_logs(result: dict, path: str, window: int = 9) -> str:
+    """Per-minibatch step time of both sides, one panel per seed: the raw
+    times (dots) and their running median over `window` minibatches (lines),
+    ours coloured by the model that trained the minibatch (gated full-size /
+    physically pruned), theirs by whether pruning was done; a dashed line
+    where each side reached the target."""
+    from keras_taylor.plotting import new_figure
+
+    runs = [r for r in result["runs"] if "keras" in r and "torch" in r]
+    fig = new_figure(figsize=(7.5, 2.6 * len(runs)), layout="constrained")
+    axes = fig.subplots(len(runs), 1, squeeze=False)[:, 0]
+
+    def running_median(v):
+        half = window // 2
+        return np.array([np.median(v[max(0, i - half):i + half + 1]) for i in range(len(v))])
+
+    for ax, run in zip(axes, runs):
+        ours, theirs = run["keras"]["step_log"], run["torch"]["step_log"]
+        for label, ms, after, color in (
+            ("keras_taylor", np.asarray(ours["step_ms"]), np.asarray(ours["model"]) > 0, "tab:blue"),
+            ("Torch-Pruning", np.asarray(theirs["step_ms"]), np.asarray(theirs["pruned"], dtype=bool), "tab:orange"),
+        ):
+            x = np.arange(1, len(ms) + 1)
+            ax.plot(x, ms, ".", ms=2, color=color, alpha=0.25)
+            smooth = running_median(ms)
+            ax.plot(x[~after], smooth[~after], "-", color=color, lw=1.2, alpha=0.55,
+                    label=f"{label}: full size, scoring")
+            ax.plot(x[after], smooth[after], "-", color=color, lw=2.0, label=f"{label}: after the target")
+            if after.any():
+                ax.axvline(int(np.argmax(after)) + 1, color=color, ls="--", lw=0.8)
+        k, t = run["keras"]["prune_and_finetune_seconds"], run["torch"]["prune_and_finetune_seconds"]
+        ax.set_title(f"seed {run['seed']}: prune + fine-tune {k:.1f} s (ours) vs {t:.1f} s (Torch-Pruning), "
+                     f"{k / t:.2f}x", fontsize=9)
+        ax.set_ylabel("step (ms)")
+        low = np.percentile(np.concatenate([ours["step_ms"], theirs["step_ms"]]), 1)
+        high = np.percentile(np.concatenate([ours["step_ms"], theirs["step_ms"]]), 99)
+        ax.set_ylim(0.8 * low, 1.15 * high)
+    axes[-1].set_xlabel("minibatch of the prune + fine-tune phase (first steps trace: off the scale)")
+    axes[0].legend(fontsize=7, ncol=2, loc="upper right")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
 # ------------------------------------------------------------------ main
 def main(argv):
     del argv
     import logging as pylogging
+
+    if FLAGS.plot_only:
+        entry = _harness.read_json(result_path(), {}).get(result_key())
+        if entry is None:
+            raise SystemExit(f"No entry {result_key()!r} in {result_path()} to plot.")
+        print("Step-time plot:", plot_step_logs(entry, FLAGS.plot or os.path.join(REPO, "docs", "img", "torch_pruning_step_log.png")))
+        return
 
     pylogging.getLogger("tensorflow").setLevel(pylogging.WARNING)
     quick = FLAGS.quick
@@ -352,6 +462,8 @@ def main(argv):
                    "--threads", str(FLAGS.torch_threads), "--seed", str(seed)]
             if FLAGS.shared_dense:
                 cmd.append("--from_keras_dense")
+            if FLAGS.torch_round_to:
+                cmd += ["--round_to", str(FLAGS.torch_round_to)]
             print("== PyTorch side:", " ".join(os.path.relpath(c, REPO) if c.startswith(REPO) else c for c in cmd), flush=True)
             # OpenMP threads that spin while waiting stall badly on a shared, oversubscribed CPU
             # (measured here: with 2 threads a ResNet-8 forward+backward ran 2.7-11x slower than with PASSIVE).
@@ -397,6 +509,8 @@ def main(argv):
                    "train_subset": subset, "torch_threads": FLAGS.torch_threads, "shared_dense": FLAGS.shared_dense,
                    "keras_path": FLAGS.keras_path, "switch": FLAGS.switch,
                    "criterion": FLAGS.criterion, "normalization": FLAGS.normalization,
+                   "channel_multiple": FLAGS.channel_multiple, "torch_round_to": FLAGS.torch_round_to,
+                   "tf_data_autotune": FLAGS.tf_data_autotune,
                    "trace_pauses": FLAGS.trace_pauses, "trace_pauses_every": FLAGS.trace_pauses_every},
         "runs": runs,
         "summary": summary,
@@ -404,22 +518,17 @@ def main(argv):
         "load_average_at_end": _harness.load(),
         "date_end_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
-    path = FLAGS.output or os.path.join(REPO, "benchmarks", "results", "torch_pruning_compare.json")
+    path = result_path()
     # One file, one entry per experiment; a run replaces only its own entry.
     old = _harness.read_json(path, {})
     experiments = {"independent_training": old} if "runs" in old else old
-    # The earlier gated-path runs keep their keys; kt.fit_prune runs get their own.
-    key = "shared_dense_start" if FLAGS.shared_dense else "independent_training"
-    key += "" if FLAGS.keras_path == "gated" else "_fit_prune"
-    # A non-default criterion / normalization gets its own entry (the defaults keep the old keys).
-    if FLAGS.criterion != "taylor_fo_bn":
-        key += "_" + FLAGS.criterion
-    if FLAGS.normalization != "none":
-        key += "_" + FLAGS.normalization
+    key = result_key()
     experiments[key] = result
     _harness.write_json(experiments, path)
     print(json.dumps(summary, indent=1))
     print(f"Done in {result['wall_seconds'] / 60:.1f} min; results in {path}")
+    if FLAGS.plot:
+        print("Step-time plot:", plot_step_logs(result, FLAGS.plot))
 
 
 if __name__ == "__main__":

@@ -233,6 +233,7 @@ def main():
     ap.add_argument("--head_name", default="logits", help="Keras name of the classification Dense layer.")
     ap.add_argument("--prune_lr", type=float, default=None,
                     help="Constant learning rate for the pruning phase (default: cosine 0.02 -> 0.001).")
+    ap.add_argument("--round_to", type=int, default=None, help="BasePruner(round_to=): channels kept per layer rounded to a multiple.")
     ap.add_argument("--no_nesterov", action="store_true", help="Plain momentum (Keras SGD(momentum=0.9)).")
     args = ap.parse_args()
 
@@ -300,12 +301,12 @@ def main():
     # iterative_steps chosen so each step removes `channels_per_step` channel groups.
     pruner_cls = getattr(tp.pruner, "BasePruner", None) or tp.pruner.MetaPruner
     probe = pruner_cls(model, example, importance=imp, global_pruning=True, pruning_ratio=args.pruning_ratio,
-                       iterative_steps=1, ignored_layers=[model.logits])
+                       iterative_steps=1, ignored_layers=[model.logits], round_to=args.round_to)
     n_groups_total = probe.initial_total_channels
     del probe
     iterative_steps = max(1, round(n_groups_total * args.pruning_ratio / args.channels_per_step))
     pruner = pruner_cls(model, example, importance=imp, global_pruning=True, pruning_ratio=args.pruning_ratio,
-                        iterative_steps=iterative_steps, ignored_layers=[model.logits])
+                        iterative_steps=iterative_steps, ignored_layers=[model.logits], round_to=args.round_to)
     setup_s = time.perf_counter() - t_setup
     model.train()  # building the dependency graph leaves the model in eval mode
     per_step_ratio = args.pruning_ratio / iterative_steps
@@ -400,7 +401,7 @@ def main():
         "channels_after": layer_channels(model),
         "pruner": {"class": pruner_cls.__name__, "importance": "GroupTaylorImportance()", "global_pruning": True,
                    "pruning_ratio": args.pruning_ratio, "iterative_steps": iterative_steps,
-                   "initial_total_channels": n_groups_total, "ignored_layers": ["logits"],
+                   "initial_total_channels": n_groups_total, "ignored_layers": ["logits"], "round_to": args.round_to,
                    "steps_taken": pruner.current_step},
         "pruning_history": history,
         "epochs": epoch_log,

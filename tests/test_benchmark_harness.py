@@ -85,6 +85,25 @@ def test_json_helpers(tmp_path):
         assert json.load(f) == {"x": [1, 2]}
 
 
+def test_keras_phase_ds_without_autotune_yields_the_same_minibatches():
+    """torch_pruning_compare's Keras pipeline: tf.data autotuning off by
+    default (its end-of-`fit` pauses), the same minibatches in the same order."""
+    import torch_pruning_compare as tpc
+
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (50, 4, 4)).astype("uint8"), rng.integers(0, 10, 50).astype("uint8")
+    orders = np.stack([rng.permutation(50) for _ in range(2)]).astype("int32")
+    plain, tuned = tpc.keras_phase_ds(x, y, orders, 16, autotune=False), tpc.keras_phase_ds(x, y, orders, 16, autotune=True)
+    assert plain.options().autotune.enabled is False and tuned.options().autotune.enabled is not False
+    got, ref = list(plain.as_numpy_iterator()), list(tuned.as_numpy_iterator())
+    assert len(got) == len(ref) == 8  # 4 minibatches per epoch (16, 16, 16, 2)
+    for (a, b), (c, d) in zip(got, ref):
+        np.testing.assert_array_equal(a, c)
+        np.testing.assert_array_equal(b, d)
+    np.testing.assert_allclose(got[0][0][..., 0], x[orders[0][:16]] / 255.0, rtol=1e-6)
+    np.testing.assert_array_equal(got[4][1], y[orders[1][:16]])
+
+
 TORCH_PY = os.path.join(ROOT, ".venv-torch", "bin", "python")
 
 
