@@ -323,6 +323,18 @@ def fit_prune(model, x=None, y=None, *, pruning, epochs: int = 1, callbacks=None
     sums and counts). If the target is not reached in `epochs`, the model is
     pruned as far as it got, with a warning.
 
+    Speed: the run pays two traces of a train step (the gated scoring step
+    at the start, the pruned step after the switch; about 1 s each for a
+    ResNet-14 on 2 CPU cores) and the switch itself (about 0.3 s). With
+    `TaylorPruning(channel_multiple=8)` the pruned layers keep multiples of
+    8 channels, which the CPU kernels run faster (pruned step 57-60 ms
+    against 60-68 ms unaligned on that ResNet-14, top-1 0.15-0.3 points
+    lower; benchmarks/sections/torch_pruning.md, "Wall time"). On a machine
+    with few cores, a `tf.data` input with autotuning on
+    (`num_parallel_calls=AUTOTUNE`, `prefetch(AUTOTUNE)`) can add a pause of
+    seconds at the end of `fit`; `map` + `prefetch(1)` with
+    `tf.data.Options().autotune.enabled = False` did not (same section).
+
     Args:
         model: a gated model (`keras_taylor.add_gates`), compiled with an
             optimizer and a loss. It is trained until the switch and left
