@@ -162,7 +162,7 @@ def keras_phase_ds(x, y, orders, batch_size, autotune=None):
     minibatch ahead (`map` then `prefetch(1)`) with tf.data's autotuning
     off (`tf.data.Options().autotune.enabled = False`). With autotuning on,
     Keras's `fit` paused for seconds before returning in 6 of 17 seed runs
-    of this benchmark (1.6-40.8 s, 2026-12-01), with it off in none of 18
+    of this benchmark (1.6-40.8 s, 2026-12-01), with it off in none of 24
     (benchmarks/sections/torch_pruning.md, "Wall time")."""
     import tensorflow as tf
 
