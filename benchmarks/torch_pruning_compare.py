@@ -52,8 +52,8 @@ step-time log (`step_log`; ours also `phases`: `_harness.StepTimer`).
 The Keras side's input pipeline does the PyTorch side's per-minibatch work
 (gather, cast, /255) one minibatch ahead with tf.data's autotuning off
 (`keras_phase_ds`; `--tf_data_autotune` restores the earlier parallel-map +
-AUTOTUNE-prefetch pipeline, whose end-of-`fit` pauses and slower steps are
-measured in the section).
+AUTOTUNE-prefetch pipeline, whose end-of-`fit` pauses are measured in
+benchmarks/sections/torch_pruning.md, "Wall time").
 Results: `benchmarks/results/torch_pruning_compare.json`, one entry per
 experiment: `independent_training`, `shared_dense_start` (gated path, the
 2026-11-21 runs), `independent_training_fit_prune`, `shared_dense_start_fit_prune`;

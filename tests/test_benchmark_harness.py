@@ -104,6 +104,28 @@ def test_keras_phase_ds_without_autotune_yields_the_same_minibatches():
     np.testing.assert_array_equal(got[4][1], y[orders[1][:16]])
 
 
+def test_plot_step_logs_draws_one_panel_per_seed(tmp_path):
+    """torch_pruning_compare --plot: a PNG from both sides' step logs (the
+    switch / target marked by the model index and the `pruned` flags)."""
+    pytest.importorskip("matplotlib")
+    import torch_pruning_compare as tpc
+
+    def run(seed):
+        return {"seed": seed,
+                "keras": {"step_log": {"step_ms": [900.0] + [80.0] * 9 + [60.0] * 10, "model": [0] * 10 + [1] * 10},
+                          "prune_and_finetune_seconds": 2.3},
+                "torch": {"step_log": {"step_ms": [90.0] * 8 + [70.0] * 12, "pruned": [False] * 8 + [True] * 12},
+                          "prune_and_finetune_seconds": 1.6}}
+
+    path = tpc.plot_step_logs({"runs": [run(0), run(1), {"seed": 2, "keras": {}}]}, str(tmp_path / "p" / "s.png"))
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    width, height = Image.open(path).size
+    assert height > width * 0.6  # two panels stacked (the run without both sides is left out)
+
+
 TORCH_PY = os.path.join(ROOT, ".venv-torch", "bin", "python")
 
 
