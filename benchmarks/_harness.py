@@ -162,8 +162,8 @@ def _step_timer_class():
     class StepTimer(keras.callbacks.Callback):
         """The step-time log of a `fit`: the wall time of every training
         minibatch (`times`, seconds), and per minibatch `steps` rows
-        `(start, seconds, model index)`: the index into `models` of the model
-        that trained it (`keras_taylor.fit_prune` hands its callbacks the
+        `(start, seconds, model index, pruning done)`: the index into `models`
+        of the model that trained it (`keras_taylor.fit_prune` hands its callbacks the
         pruned model at the switch: index 1). `rows`: seconds and
         `count_params` per epoch. With a `pruner`, `times` is also split into
         `scoring` (pruning not done when the minibatch began) and `after`;
@@ -178,7 +178,6 @@ def _step_timer_class():
             # Python stack there every `pause_every` seconds until `stop_pause_trace()` (call it when `fit` returns),
             # so a pause between on_train_end and `fit` returning leaves where it is.
             self.pause_log, self.pause_every, self._pause_file = pause_log, pause_every, None
-            self.scoring, self.after = [], []
             self.steps, self.rows, self.models = [], [], []
             self.train_begin = self.train_end = None  # `time.perf_counter()` at on_train_begin / on_train_end
 
@@ -186,6 +185,16 @@ def _step_timer_class():
         def times(self) -> list:
             """Seconds of every training minibatch, in order (from `steps`)."""
             return [s[1] for s in self.steps]
+
+        @property
+        def scoring(self) -> list:
+            """With a `pruner`: seconds of the minibatches that began before pruning was done."""
+            return [s[1] for s in self.steps if not s[3]] if self.pruner is not None else []
+
+        @property
+        def after(self) -> list:
+            """With a `pruner`: seconds of the minibatches that began after pruning was done."""
+            return [s[1] for s in self.steps if s[3]] if self.pruner is not None else []
 
         def _model_index(self) -> int:
             for i, m in enumerate(self.models):
@@ -227,10 +236,7 @@ def _step_timer_class():
             self._t = time.perf_counter()
 
         def on_train_batch_end(self, batch, logs=None):
-            seconds = time.perf_counter() - self._t
-            self.steps.append((self._t, seconds, self._model_index()))
-            if self.pruner is not None:
-                (self.after if self._done else self.scoring).append(seconds)
+            self.steps.append((self._t, time.perf_counter() - self._t, self._model_index(), self._done))
 
         def on_epoch_end(self, epoch, logs=None):
             self._last_epoch_end = now = time.perf_counter()
