@@ -318,8 +318,8 @@ def main():
     epoch_log = []
     acc = None  # gradient sums since the last pruning step
     done, step, history = False, 0, []
-    accum_s, prune_s, step_times_scoring, step_times_after = 0.0, 0.0, [], []
-    step_log = []  # (ms, pruning done when the minibatch began) per minibatch, in order
+    accum_s, prune_s = 0.0, 0.0
+    step_log = []  # (seconds, pruning done when the minibatch began) per minibatch, in order
     done_at_s = None
     for e in range(args.prune_epochs):
         te, losses = time.time(), []
@@ -345,9 +345,7 @@ def main():
             if not math.isfinite(losses[-1]):
                 raise FloatingPointError(f"non-finite loss at pruning-phase minibatch {step + 1}")
             step += 1
-            seconds = time.perf_counter() - ts
-            (step_times_scoring if not done else step_times_after).append(seconds)
-            step_log.append((round(1000 * seconds, 3), done))
+            step_log.append((time.perf_counter() - ts, done))
             if not done and step % args.prune_every == 0:
                 tpr = time.perf_counter()
                 for p in params:  # Taylor importance reads .grad: the sum over the last K minibatches
@@ -384,6 +382,8 @@ def main():
     params1 = keras_style_params(model)
     print(f"[torch] top-1 after {acc_after:.4f}; conv+linear MACs {macs1 / macs0:.3f}; tp ops {tp_ops1 / tp_ops0:.3f}", flush=True)
     med = lambda v: float(np.median(v)) if v else None
+    step_times_scoring = [sec for sec, d in step_log if not d]
+    step_times_after = [sec for sec, d in step_log if d]
     out = {
         "torch_version": torch.__version__,
         "torch_pruning_version": importlib.metadata.version("torch-pruning"),
@@ -416,7 +416,7 @@ def main():
         "scoring_accumulate_ms_per_step": 1000 * accum_s / max(1, len(step_times_scoring)),
         "step_ms_median_while_scoring": 1000 * med(step_times_scoring) if step_times_scoring else None,
         "step_ms_median_after_pruning": 1000 * med(step_times_after) if step_times_after else None,
-        "step_log": {"step_ms": [m for m, _ in step_log], "pruned": [d for _, d in step_log]},
+        "step_log": {"step_ms": [round(1000 * sec, 3) for sec, _ in step_log], "pruned": [d for _, d in step_log]},
         "wall_seconds": time.time() - started,
     }
     with open(args.output, "w") as f:
