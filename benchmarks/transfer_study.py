@@ -482,10 +482,6 @@ def load_results(path) -> dict:
     return _harness.read_json(path, lambda: {"cells": {}, "dense": {}})
 
 
-def save_results(path, results) -> None:
-    _harness.write_json(results, path)
-
-
 def main(argv):
     del argv
     apply_smoke()
@@ -507,7 +503,7 @@ def main(argv):
                     date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), load_average=list(os.getloadavg()),
                     command="python " + " ".join(sys.argv),
                     machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}")
-                save_results(FLAGS.results, results)
+                _harness.write_json(results, FLAGS.results)
                 for d in ("nvlabs", "heldout"):
                     for name, c in results["oracle"][okey][d].items():
                         print(f"oracle {d:8s} seed {seed} {name:14s} spearman {c['spearman']:+.3f} "
@@ -524,7 +520,7 @@ def main(argv):
                     results["torch"][key].update(
                         date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), load_average=list(os.getloadavg()),
                         command="python " + " ".join(sys.argv))
-                    save_results(FLAGS.results, results)
+                    _harness.write_json(results, FLAGS.results)
                     r = results["torch"][key]
                     print(f"torch-pruning  target {target:.2f} seed {seed}: top1 {r['top1_after']:.4f} "
                           f"FLOPs {r['flops_fraction']:.3f} ({r['prune_and_finetune_seconds']:.0f} s; keras_taylor "
@@ -550,7 +546,7 @@ def main(argv):
                     results["load_average"] = list(os.getloadavg())
                     results["command"] = "python " + " ".join(sys.argv)
                     results["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-                    save_results(FLAGS.results, results)
+                    _harness.write_json(results, FLAGS.results)
                     print(f"{name:14s} target {target:.2f} seed {seed}: top1 {cell['top1']:.4f} "
                           f"FLOPs {cell['flops_fraction']:.3f} ({cell['wall_seconds']:.0f} s)", flush=True)
     tag = json.dumps(config(), sort_keys=True)
@@ -577,7 +573,7 @@ def main(argv):
                 m = k["margin_vs_torch"]
                 print(f"  {name:26s} top1 {k['top1_mean']:.4f}  vs torch {m['mean']:+.4f} [{m['ci95'][0]:+.4f}, {m['ci95'][1]:+.4f}]"
                       f"  wall/torch {np.median(k['wall_ratio_vs_torch']):.2f}")
-    save_results(FLAGS.results, results)
+    _harness.write_json(results, FLAGS.results)
     # Every (criterion, normalisation) of this configuration, and Torch-Pruning where it ran.
     series = dict(results["variants"], dense=summary["dense"])
     for target, e in results.get("torch_comparison", {}).items():
